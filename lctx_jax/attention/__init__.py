@@ -1,0 +1,118 @@
+"""Attention: `attend` resolves positions, segments and RoPE, then dispatches to an implementation.
+
+Implementations (one module each): "xla" (plain JAX, ./xla.py). Shared math: which keys a query
+sees (./masks.py) and the rotation of q and k (`rotate_qk`, below).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lctx_jax import rope as rope_lib
+from lctx_jax.attention import masks, xla
+
+IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
+_NOT_YET = {
+    "flash": "the Pallas flash-attention kernel with fused RoPE",
+    "ring": "ring attention over the mesh's 'sequence' axis",
+    "s2": "LongLoRA's shifted sparse attention (S²-Attn)",
+}
+
+__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "masks", "xla"]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,
+           segment_ids: jax.Array | None = None, rope: rope_lib.RopeConfig | None = None,
+           positions: jax.Array | None = None, mesh: Any = None, *,
+           kv_positions: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+           scale: float | None = None, block_size: int | None = None) -> jax.Array:
+    """softmax(scale · q kᵀ, masked) · v: q [B, T, Hq, D], k, v [B, S, Hkv, D] -> [B, T, Hq, D].
+
+    Hq % Hkv == 0 (grouped-query attention: query head h uses key/value head h // (Hq/Hkv)).
+    Output in q's dtype; scores, softmax and accumulation in f32. scale defaults to 1/sqrt(D).
+
+    positions [B, T] int (default arange(T)); kv_positions [B, S] (default: positions if S == T,
+    else arange(S)). With `causal`, key j is visible to query i iff kv_positions[j] <=
+    positions[i], so a decode step (T=1 against a cache of S) and left padding just work.
+    segment_ids [B, T], kv_segment_ids [B, S] (default: segment_ids if S == T): queries see only
+    keys with an equal id. A query that sees no key gets zeros (and zero gradients).
+
+    rope: q and k are passed un-rotated and rotated here by `rotate_qk`.
+    impl: "xla" (see xla.py; `block_size` forces its blockwise path); "flash", "ring" and "s2"
+    are not implemented yet. mesh: for "ring"; unused by "xla".
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl {impl!r} is unknown; use one of "
+                         f"{', '.join(map(repr, IMPLEMENTATIONS))}")
+    if impl in _NOT_YET:
+        raise NotImplementedError(f"attention impl {impl!r} ({_NOT_YET[impl]}) is not "
+                                  "implemented yet; use impl='xla'")
+    _check_shapes(q, k, v)
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    positions, kv_positions = _resolve_positions(positions, kv_positions, batch, q_len, kv_len)
+    segment_ids, kv_segment_ids = _resolve_segment_ids(segment_ids, kv_segment_ids, batch,
+                                                       q_len, kv_len)
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if rope is not None:
+        q, k = rotate_qk(q, k, rope, positions, kv_positions)
+    return xla.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
+                      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+                      block_size=block_size)
+
+
+def rotate_qk(q: jax.Array, k: jax.Array, rope: rope_lib.RopeConfig, positions: jax.Array,
+              kv_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q [B, T, Hq, D] rotated at positions [B, T], k [B, S, Hkv, D] at kv_positions [B, S].
+
+    Both use seq_len L = max(all positions) + 1, so length-dependent frequencies (dynamic NTK,
+    LongRoPE's short/long factors) are the same for queries and keys.
+    """
+    seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
+    q_cos, q_sin = rope_lib.cos_sin(rope, positions, seq_len=seq_len)
+    k_cos, k_sin = rope_lib.cos_sin(rope, kv_positions, seq_len=seq_len)
+    return rope_lib.apply(q, q_cos, q_sin), rope_lib.apply(k, k_cos, k_sin)
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, S, Hkv, D] of equal shape; got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of key/value heads "
+                         f"{k.shape[2]}")
+
+
+def _resolve_positions(positions: jax.Array | None, kv_positions: jax.Array | None,
+                       batch: int, q_len: int, kv_len: int) -> tuple[jax.Array, jax.Array]:
+    if positions is None:
+        positions = jnp.arange(q_len)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, q_len))
+    if kv_positions is None:
+        kv_positions = positions if kv_len == q_len else jnp.arange(kv_len)
+    kv_positions = jnp.broadcast_to(jnp.asarray(kv_positions, jnp.int32), (batch, kv_len))
+    return positions, kv_positions
+
+
+def _resolve_segment_ids(segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                         batch: int, q_len: int, kv_len: int
+                         ) -> tuple[jax.Array | None, jax.Array | None]:
+    if segment_ids is None and kv_segment_ids is None:
+        return None, None
+    if segment_ids is None:
+        raise ValueError("kv_segment_ids needs segment_ids for the queries too")
+    if kv_segment_ids is None:
+        if kv_len != q_len:
+            raise ValueError(f"with {q_len} queries and {kv_len} keys, pass kv_segment_ids "
+                             "as well as segment_ids")
+        kv_segment_ids = segment_ids
+    return (jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (batch, q_len)),
+            jnp.broadcast_to(jnp.asarray(kv_segment_ids, jnp.int32), (batch, kv_len)))

@@ -1,0 +1,130 @@
+"""Attention in plain JAX (XLA): the reference implementation, and the one used on CPU.
+
+    out[b, i, h] = Σ_j p_ij · v[b, j, h // G],
+    p_ij = softmax_j(scale · q[b, i, h] · k[b, j, h // G]) over the keys j visible to i,
+
+with G = Hq / Hkv query heads sharing each key/value head (grouped-query attention, contracted
+as [B, T, Hkv, G, D] against [B, S, Hkv, D]; k and v are never repeated). Scores, softmax
+statistics and accumulation are f32 whatever the input dtype. A query with no visible key gets 0.
+
+Two paths, equal up to f32 rounding:
+  plain      the [T, S] score matrix at once; used while T·S <= BLOCKWISE_THRESHOLD.
+  blockwise  flash attention's online softmax in plain JAX: `lax.map` over query blocks,
+             `lax.scan` over key/value blocks carrying (running max, denominator, accumulator).
+             Memory O(block²) per head; the backward pass recomputes blocks (`jax.checkpoint`)
+             instead of storing T×S probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lctx_jax.attention import masks
+
+BLOCKWISE_THRESHOLD = 2048 * 2048  # T·S above which the blockwise path is taken
+DEFAULT_BLOCK_SIZE = 512
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
+           kv_positions: jax.Array, segment_ids: jax.Array | None,
+           kv_segment_ids: jax.Array | None, scale: float, block_size: int | None) -> jax.Array:
+    """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; positions [B, T], kv_positions [B, S]; segment ids
+    [B, T], [B, S] or both None -> [B, T, Hq, D] in q's dtype.
+
+    `block_size` None picks the path by T·S; an int forces the blockwise path with that block.
+    """
+    args = dict(causal=causal, positions=positions, kv_positions=kv_positions,
+                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+    if block_size is None and q.shape[1] * k.shape[1] <= BLOCKWISE_THRESHOLD:
+        return plain(q, k, v, **args)
+    return blockwise(q, k, v, block_size=block_size or DEFAULT_BLOCK_SIZE, **args)
+
+
+def plain(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
+          kv_positions: jax.Array, segment_ids: jax.Array | None,
+          kv_segment_ids: jax.Array | None, scale: float) -> jax.Array:
+    """The whole [B, Hkv, G, T, S] score tensor, masked, softmaxed, contracted with v."""
+    visible = masks.visible(positions, kv_positions, segment_ids, kv_segment_ids, causal=causal)
+    scores = jnp.einsum("bthgd,bshd->bhgts", _group_heads(q, k.shape[2]), k,
+                        preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    row_max = lax.stop_gradient(_zero_if_infinite(scores.max(axis=-1, keepdims=True)))
+    weights = jnp.exp(scores - row_max)
+    denominator = weights.sum(axis=-1, keepdims=True)
+    probs = weights / jnp.where(denominator > 0, denominator, 1.0)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
+              kv_positions: jax.Array, segment_ids: jax.Array | None,
+              kv_segment_ids: jax.Array | None, scale: float, block_size: int) -> jax.Array:
+    """Online softmax over [block, block] tiles. Lengths the block does not divide are padded;
+    padded keys are masked out and padded queries dropped."""
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    block_q, block_k = min(block_size, q_len), min(block_size, kv_len)
+    kv_valid = jnp.ones((batch, kv_len), dtype=bool)  # False where _split_blocks pads
+    kv_blocks = tuple(_split_blocks(x, block_k) for x in
+                      (k, v, kv_positions, kv_segment_ids, kv_valid))
+    q_blocks = tuple(_split_blocks(x, block_q) for x in
+                     (_group_heads(q, kv_heads), positions, segment_ids))
+
+    def query_block(q_block_inputs: tuple) -> jax.Array:
+        q_block, q_pos, q_seg = q_block_inputs
+
+        def kv_step(carry: tuple, kv_block: tuple) -> tuple[tuple, None]:
+            row_max, denominator, acc = carry  # [B, Hkv, G, bq] ×2, [B, Hkv, G, bq, D]; f32
+            k_block, v_block, kv_pos, kv_seg, valid = kv_block
+            visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=causal)
+            visible &= valid[:, None, :]
+            scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block,
+                                preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+            # The max only keeps exp() in range; the result does not depend on it.
+            new_max = lax.stop_gradient(jnp.maximum(row_max, scores.max(axis=-1)))
+            shift = _zero_if_infinite(new_max)
+            rescale = jnp.exp(row_max - shift)
+            weights = jnp.exp(scores - shift[..., None])
+            denominator = denominator * rescale + weights.sum(axis=-1)
+            acc = acc * rescale[..., None] + jnp.einsum(
+                "bhgqk,bkhd->bhgqd", weights, v_block, preferred_element_type=jnp.float32)
+            return (new_max, denominator, acc), None
+
+        stats_shape = (batch, kv_heads, q_heads // kv_heads, q_block.shape[1])
+        init = (jnp.full(stats_shape, -jnp.inf, jnp.float32),
+                jnp.zeros(stats_shape, jnp.float32),
+                jnp.zeros((*stats_shape, head_dim), jnp.float32))
+        (_, denominator, acc), _ = lax.scan(jax.checkpoint(kv_step, prevent_cse=False),
+                                            init, kv_blocks)
+        return acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+
+    # Checkpointing the query block too keeps only its inputs for the backward pass, not the
+    # scan's per-step carries for every query block (which would be O(T · S/block · D)).
+    out = lax.map(jax.checkpoint(query_block, prevent_cse=False), q_blocks)
+    out = out.transpose(1, 0, 4, 2, 3, 5)  # [T/bq, B, Hkv, G, bq, D] -> [B, T/bq, bq, Hkv, G, D]
+    return out.reshape(batch, -1, q_heads, head_dim)[:, :q_len].astype(q.dtype)
+
+
+def _group_heads(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, Hq, D] -> [B, T, Hkv, G, D]: query head h uses key/value head h // G."""
+    batch, q_len, q_heads, head_dim = q.shape
+    return q.reshape(batch, q_len, kv_heads, q_heads // kv_heads, head_dim)
+
+
+def _split_blocks(x: jax.Array | None, block: int) -> jax.Array | None:
+    """[B, L, ...] -> [ceil(L / block), B, block, ...], zero-padded at the end of L."""
+    if x is None:
+        return None
+    padded_len = math.ceil(x.shape[1] / block) * block
+    x = jnp.pad(x, [(0, 0), (0, padded_len - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _zero_if_infinite(row_max: jax.Array) -> jax.Array:
+    """A row with no visible key has max −inf; shifting it by 0 instead keeps exp() at 0, not NaN."""
+    return jnp.where(jnp.isfinite(row_max), row_max, 0.0)

@@ -1,0 +1,320 @@
+"""Hugging Face safetensors checkpoints <-> lctx_jax parameters, and the conversion CLI.
+
+    python -m lctx_jax.convert hf-to-orbax SRC DST
+    python -m lctx_jax.convert orbax-to-hf SRC DST
+
+Safetensors only: pickle-based files (pytorch_model.bin) are never unpickled. Every expected
+tensor must be present with the shape the config implies; anything else is an error that names
+the tensor, never a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from lctx_jax.model import Model, ModelConfig
+
+# Per layer: (our module, transformers' module under model.layers.N). Kernels are transposed:
+# torch Linear stores [out, in], flax Dense [in, out].
+_LINEARS = [("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+            ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+            ("down", "mlp.down_proj")]
+_NORMS = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+_FUSED = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _out_features(config: ModelConfig) -> dict[str, int]:
+    c = config
+    return {"q": c.num_heads * c.head_dim, "k": c.num_kv_heads * c.head_dim,
+            "v": c.num_kv_heads * c.head_dim, "o": c.hidden_size, "gate": c.intermediate_size,
+            "up": c.intermediate_size, "down": c.hidden_size}
+
+
+def _in_features(config: ModelConfig) -> dict[str, int]:
+    c = config
+    return {"q": c.hidden_size, "k": c.hidden_size, "v": c.hidden_size,
+            "o": c.num_heads * c.head_dim, "gate": c.hidden_size, "up": c.hidden_size,
+            "down": c.intermediate_size}
+
+
+def _has_bias(config: ModelConfig, ours: str) -> bool:
+    if ours in ("q", "k", "v"):
+        return config.qkv_bias
+    return config.o_bias if ours == "o" else config.mlp_bias
+
+
+def hf_layer_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """transformers' tensor names under model.layers.N and their shapes."""
+    out_f, in_f = _out_features(config), _in_features(config)
+    layout: dict[str, tuple[int, ...]] = {}
+    for ours, theirs in _NORMS:
+        layout[f"{theirs}.weight"] = (config.hidden_size,)
+    fused = config.model_type == "phi3"
+    for ours, theirs in _LINEARS:
+        if fused and ours in ("q", "k", "v", "gate", "up"):
+            continue
+        layout[f"{theirs}.weight"] = (out_f[ours], in_f[ours])
+        if _has_bias(config, ours):
+            layout[f"{theirs}.bias"] = (out_f[ours],)
+    if fused:
+        for theirs, parts in _FUSED.items():
+            layout[f"{theirs}.weight"] = (sum(out_f[p] for p in parts), config.hidden_size)
+    return layout
+
+
+def hf_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the transformers checkpoint, with its shape."""
+    c = config
+    layout = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+              "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        layout["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        for name, shape in hf_layer_layout(c).items():
+            layout[f"model.layers.{i}.{name}"] = shape
+    return layout
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class SafetensorsReader:
+    """Tensors of a checkpoint directory: model.safetensors or sharded with an index."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            pickled = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
+            hint = (f" Found {pickled}: pickle files are never loaded (they can run code); "
+                    "re-save with transformers' save_pretrained(..., safe_serialization=True)."
+                    if pickled else "")
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
+                                    f"{self.path}.{hint}")
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for name in files:
+            file = self.path / name
+            if not file.exists():
+                raise FileNotFoundError(f"shard {name} listed in model.safetensors.index.json is "
+                                        f"missing from {self.path}")
+            try:
+                handle = safe_open(str(file), framework="numpy")
+            except (SafetensorError, OSError) as err:
+                raise ValueError(f"{file} is not a complete safetensors file ({err}); it may be "
+                                 "truncated: download or convert it again") from err
+            self._handles[name] = handle
+            for key in handle.keys():
+                self._where[key] = name
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except SafetensorError as err:
+            raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
+                             "file may be truncated") from err
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    file = pathlib.Path(path) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: a Hugging Face checkpoint directory holds "
+                                "config.json and *.safetensors")
+    return json.loads(file.read_text())
+
+
+def _check_names_and_shapes(reader: SafetensorsReader, config: ModelConfig) -> None:
+    layout = hf_layout(config)
+    present = {n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
+    missing, unexpected = sorted(set(layout) - present), sorted(present - set(layout))
+    if missing:
+        raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} tensors the config "
+                         f"implies, e.g. {missing[:3]}")
+    if unexpected:
+        raise ValueError(f"checkpoint {reader.path} has {len(unexpected)} tensors this "
+                         f"{config.model_type} config does not use, e.g. {unexpected[:3]}")
+    for name, shape in layout.items():
+        handle = reader._handles[reader._where[name]]
+        actual = tuple(handle.get_slice(name).get_shape())
+        if actual != shape:
+            raise ValueError(f"tensor {name} has shape {actual}, but config.json implies "
+                             f"{shape}: the checkpoint and config.json do not belong together")
+
+
+def _split_fused(config: ModelConfig, layer: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Phi-3's qkv_proj / gate_up_proj rows, split into our separate kernels ([out, in])."""
+    out_f = _out_features(config)
+    parts = {}
+    for theirs, names in _FUSED.items():
+        fused = layer[f"{theirs}.weight"]
+        bounds = np.cumsum([out_f[n] for n in names])[:-1]
+        parts.update(zip(names, np.split(fused, bounds, axis=0)))
+    return parts
+
+
+def params_from_hf(reader: SafetensorsReader, config: ModelConfig, dtype: Any = None,
+                   progress: bool = False) -> dict:
+    """The parameter tree of `lctx_jax.model.Decoder` from a transformers checkpoint (numpy)."""
+    _check_names_and_shapes(reader, config)
+    dtype = dtype or reader.get("model.embed_tokens.weight").dtype
+    layers: dict[str, dict[str, list[np.ndarray]]] = {}
+
+    def put(module: str, leaf: str, value: np.ndarray) -> None:
+        layers.setdefault(module, {}).setdefault(leaf, []).append(np.asarray(value, dtype))
+
+    for i in tqdm(range(config.num_layers), desc="layers", disable=not progress):
+        prefix = f"model.layers.{i}."
+        layer = {name: reader.get(prefix + name) for name in hf_layer_layout(config)}
+        for ours, theirs in _NORMS:
+            put(ours, "scale", layer[f"{theirs}.weight"])
+        fused = _split_fused(config, layer) if config.model_type == "phi3" else {}
+        for ours, theirs in _LINEARS:
+            weight = fused[ours] if ours in fused else layer[f"{theirs}.weight"]
+            put(ours, "kernel", weight.T)
+            if _has_bias(config, ours):
+                put(ours, "bias", layer[f"{theirs}.bias"])
+    params = {
+        "embed": {"embedding": reader.get("model.embed_tokens.weight").astype(dtype)},
+        "layers": {m: {leaf: np.stack(v) for leaf, v in leaves.items()}
+                   for m, leaves in layers.items()},
+        "norm": {"scale": reader.get("model.norm.weight").astype(dtype)},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": reader.get("lm_head.weight").T.astype(dtype)}
+    return params
+
+
+def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
+            rope_scaling: Mapping[str, Any] | None = None, attention: str = "xla",
+            mesh: Any = None, param_dtype: Any = None, remat: str = "none",
+            progress: bool = False) -> Model:
+    """A Model from a transformers checkpoint directory (config.json + *.safetensors).
+
+    dtype: compute dtype. param_dtype: storage dtype, default the checkpoint's (bf16 stays bf16).
+    rope_scaling: a context-extension method put on the checkpoint, e.g.
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}.
+    mesh: parameters are placed replicated on it (sharding rules arrive with ring attention).
+    """
+    config = ModelConfig.from_hf(read_hf_config(path), rope_scaling)
+    params = params_from_hf(SafetensorsReader(path), config, param_dtype, progress)
+    if mesh is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put(params, sharding)
+    else:
+        params = jax.device_put(params)
+    return Model(config, params, dtype=dtype, attention=attention, remat=remat, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) pairs of the transformers checkpoint, layer by layer."""
+    yield "model.embed_tokens.weight", np.asarray(params["embed"]["embedding"])
+    layers = params["layers"]
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        for ours, theirs in _NORMS:
+            yield prefix + f"{theirs}.weight", np.asarray(layers[ours]["scale"][i])
+        kernels = {ours: np.asarray(layers[ours]["kernel"][i]).T for ours, _ in _LINEARS}
+        if config.model_type == "phi3":
+            for theirs, names in _FUSED.items():
+                yield prefix + f"{theirs}.weight", np.concatenate([kernels.pop(n) for n in names])
+        for ours, theirs in _LINEARS:
+            if ours in kernels:
+                yield prefix + f"{theirs}.weight", kernels[ours]
+            if _has_bias(config, ours):
+                yield prefix + f"{theirs}.bias", np.asarray(layers[ours]["bias"][i])
+    yield "model.norm.weight", np.asarray(params["norm"]["scale"])
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", np.asarray(params["lm_head"]["kernel"]).T
+
+
+def _atomic_write_json(path: pathlib.Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def to_hf(model: Model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES,
+          progress: bool = False) -> None:
+    """config.json + model.safetensors (sharded with an index past max_shard_bytes) that
+    transformers loads with equal logits. Each file is written to a temporary name and renamed,
+    so a killed export never leaves a half-written file under a final name."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tqdm(params_to_hf(model.params, model.config), desc="tensors",
+                            disable=not progress):
+        if size and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = np.ascontiguousarray(array)
+        size += array.nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        tmp = out / (name + ".tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / name)
+    if len(shards) > 1:
+        weight_map = {t: n for n, shard in zip(names, shards) for t in shard}
+        total = sum(a.nbytes for shard in shards for a in shard.values())
+        _atomic_write_json(out / "model.safetensors.index.json",
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _atomic_write_json(out / "config.json", model.config.to_hf())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lctx_jax import checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m lctx_jax.convert",
+                                     description="Convert checkpoints between Hugging Face "
+                                                 "safetensors and Orbax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, help_text in [("hf-to-orbax", "HF directory -> Orbax checkpoint"),
+                               ("orbax-to-hf", "Orbax checkpoint -> HF directory")]:
+        p = sub.add_parser(command, help=help_text)
+        p.add_argument("src")
+        p.add_argument("dst")
+    args = parser.parse_args(argv)
+    if args.command == "hf-to-orbax":
+        model = from_hf(args.src, progress=True)
+        checkpoint.save(model, args.dst)
+    else:
+        model = checkpoint.load(args.src)
+        to_hf(model, args.dst, progress=True)
+    print(f"{args.command}: wrote {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

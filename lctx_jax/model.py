@@ -1,0 +1,331 @@
+"""LLaMA-family decoder (Llama 1/2/3.x, Mistral, Qwen2, Phi-3) in Flax linen.
+
+Why linen: parameters are a plain nested dict, which maps one-to-one onto safetensors names,
+Orbax trees and sharding rules, and `nn.scan` stacks the layers so compile time does not grow
+with depth. All families share one parameter layout (separate q/k/v and gate/up kernels);
+Phi-3's fused qkv / gate_up tensors are split and re-fused in `lctx_jax.convert`.
+
+Shapes: B batch, T tokens, S cached tokens, H hidden, Hq/Hkv query/key-value heads, D head_dim.
+RMSNorm and softmax run in f32; matmuls in the compute dtype; parameters keep their own dtype.
+The KV cache holds un-rotated keys: attention rotates q and k from positions on every call, so
+cached keys and new queries always share one rotation (see `lctx_jax.generate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lctx_jax.attention import attend
+from lctx_jax.rope import RopeConfig
+
+FAMILIES = {  # model_type -> transformers architecture
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture; reads and writes the Hugging Face config.json vocabulary."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeConfig
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
+                             f"{', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any],
+                rope_scaling: Mapping[str, Any] | None = None) -> "ModelConfig":
+        """From a config.json dict; `rope_scaling` puts a context-extension method on it."""
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            archs = hf.get("architectures")
+            raise ValueError(f"config.json has model_type {model_type!r} (architectures "
+                             f"{archs}); lctx_jax supports {', '.join(FAMILIES)}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (LLaMA-family models use silu)")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+        sliding = hf.get("sliding_window")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            sliding = None
+        eos = hf.get("eos_token_id")
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rope=RopeConfig.from_hf(hf, rope_scaling),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=sliding,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers builds the same model from."""
+        rope = self.rope.to_hf()
+        out: dict[str, Any] = {
+            "architectures": [FAMILIES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.rope.max_position_embeddings,
+            "rope_theta": rope["rope_theta"],
+            "rope_parameters": rope,
+            "sliding_window": self.sliding_window,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                             else self.eos_token_id),
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        if "partial_rotary_factor" in rope:
+            out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        if self.rope.original_max_position_embeddings:
+            out["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = self.sliding_window is not None
+        return out
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · scale, statistics in f32 (Zhang & Sennrich 2019)."""
+
+    eps: float
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Per-call inputs every layer sees: positions and segments of queries and of keys."""
+
+    positions: jax.Array  # [B, T]
+    segment_ids: jax.Array | None  # [B, T]
+    kv_positions: jax.Array | None  # [B, S] with a cache, else None
+    kv_segment_ids: jax.Array | None  # [B, S]
+    cache_index: jax.Array | None  # scalar: where this call's keys are written
+
+
+jax.tree_util.register_dataclass(
+    Context, data_fields=["positions", "segment_ids", "kv_positions", "kv_segment_ids",
+                          "cache_index"], meta_fields=[])
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: h + attn(norm(h)), then h + SwiGLU(norm(h))."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    attention: str
+    mesh: Any = None
+
+    def dense(self, features: int, name: str, bias: bool = False) -> nn.Dense:
+        return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(0.02), name=name)
+
+    @nn.compact
+    def __call__(self, h: jax.Array, layer_cache: dict | None, ctx: Context
+                 ) -> tuple[jax.Array, dict | None]:
+        c = self.config
+        b, t, _ = h.shape
+        x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
+        q = self.dense(c.num_heads * c.head_dim, "q", c.qkv_bias)(x)
+        k = self.dense(c.num_kv_heads * c.head_dim, "k", c.qkv_bias)(x)
+        v = self.dense(c.num_kv_heads * c.head_dim, "v", c.qkv_bias)(x)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if layer_cache is not None:
+            start = (0, ctx.cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            layer_cache = {"k": k, "v": v}
+        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), impl=self.attention,
+                     causal=True, segment_ids=ctx.segment_ids, rope=c.rope,
+                     positions=ctx.positions, mesh=self.mesh, kv_positions=ctx.kv_positions,
+                     kv_segment_ids=ctx.kv_segment_ids)
+        h = h + self.dense(c.hidden_size, "o", c.o_bias)(out.reshape(b, t, -1))
+
+        x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
+        gate = self.dense(c.intermediate_size, "gate", c.mlp_bias)(x)
+        up = self.dense(c.intermediate_size, "up", c.mlp_bias)(x)
+        h = h + self.dense(c.hidden_size, "down", c.mlp_bias)(nn.silu(gate) * up)
+        return h, layer_cache
+
+
+class Decoder(nn.Module):
+    """input_ids [B, T] -> logits f32 [B, T, vocab] (and the updated cache)."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, ctx: Context, cache: dict | None = None
+                 ) -> tuple[jax.Array, dict | None]:
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
+                         param_dtype=self.param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        h = embed(input_ids)
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast), length=c.num_layers)
+        h, cache = layers(c, self.dtype, self.param_dtype, self.attention, self.mesh,
+                          name="layers")(h, cache, ctx)
+        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h)
+        if c.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=nn.initializers.normal(0.02), name="lm_head")(h)
+        return logits.astype(jnp.float32), cache
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def default_positions(input_ids: jax.Array) -> jax.Array:
+    b, t = input_ids.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    """Parameters plus how to run them. `model(input_ids)` -> logits f32 [B, T, vocab].
+
+    dtype: compute dtype; parameters keep theirs (bf16 checkpoints stay bf16 in memory).
+    attention: "xla" | "flash" | "ring" | "s2" (see lctx_jax.attention.attend).
+    remat: "none" | "full" | "dots" — activation checkpointing policy per layer.
+    """
+
+    config: ModelConfig
+    params: Any
+    dtype: Any = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
+    mesh: Any = None
+
+    def __post_init__(self) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+
+    @property
+    def param_dtype(self) -> Any:
+        return jax.tree_util.tree_leaves(self.params)[0].dtype
+
+    @property
+    def module(self) -> Decoder:
+        return Decoder(self.config, self.dtype, self.param_dtype, self.attention, self.remat,
+                       self.mesh)
+
+    @classmethod
+    def init(cls, config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32,
+             param_dtype: Any = jnp.float32, **kwargs: Any) -> "Model":
+        """A randomly initialised model (normal(0.02) weights, unit norms)."""
+        module = Decoder(config, dtype, param_dtype)
+        ids = jnp.zeros((1, 1), jnp.int32)
+        params = jax.jit(module.init)(rng, ids, Context(default_positions(ids), None, None,
+                                                        None, None))["params"]
+        return cls(config, params, dtype=dtype, **kwargs)
+
+    def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None) -> jax.Array:
+        """Pure forward for training code: logits f32 [B, T, vocab]."""
+        self.check_length(input_ids.shape[1])
+        if positions is None:
+            positions = default_positions(input_ids)
+        ctx = Context(positions, segment_ids, None, None, None)
+        return self.module.apply({"params": params}, input_ids, ctx)[0]
+
+    def check_length(self, length: int) -> None:
+        window = self.config.sliding_window
+        if window is not None and length > window:
+            raise ValueError(
+                f"this checkpoint uses sliding-window attention (sliding_window={window}), which "
+                f"lctx_jax does not implement; a {length}-token sequence would be computed with "
+                "full attention and differ from the reference. To use full attention deliberately "
+                "(as context-extension recipes do), set sliding_window to null in config.json.")
+
+    @functools.cached_property
+    def _forward(self) -> Any:
+        return jax.jit(self.apply)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self._forward(self.params, jnp.asarray(input_ids, jnp.int32), positions,
+                             segment_ids)

@@ -1,0 +1,238 @@
+"""The Flax decoder against transformers (PyTorch, CPU): tiny random models of each family are
+saved with save_pretrained, converted, and must give the same f32 logits; exports round-trip.
+
+Weights are drawn with initializer_range 0.2 so logits are O(1) and a wrong rotation, mask or
+norm shows up far above the 1e-4 tolerance (f32 accumulation-order differences are ~1e-6).
+"""
+
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import lctx_jax as lx
+from lctx_jax import checkpoint, convert
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB, HIDDEN, HEADS, KV_HEADS = 128, 64, 4, 2  # head_dim 16
+LONGROPE = {"type": "longrope", "short_factor": np.linspace(1.0, 1.5, 8).tolist(),
+            "long_factor": np.linspace(1.0, 6.0, 8).tolist()}
+FAMILIES = {
+    "llama": (tf.LlamaForCausalLM, tf.LlamaConfig, {}),
+    "llama-bias": (tf.LlamaForCausalLM, tf.LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
+    "llama-yarn": (tf.LlamaForCausalLM, tf.LlamaConfig, {
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama3": (tf.LlamaForCausalLM, tf.LlamaConfig, {
+        "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama-dynamic": (tf.LlamaForCausalLM, tf.LlamaConfig, {
+        "max_position_embeddings": 64, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}),
+    "mistral": (tf.MistralForCausalLM, tf.MistralConfig, {"sliding_window": None}),
+    "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config, {"tie_word_embeddings": True}),
+    "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config, {
+        "original_max_position_embeddings": 64, "rope_scaling": LONGROPE, "pad_token_id": 0}),
+    "phi3-partial": (tf.Phi3ForCausalLM, tf.Phi3Config, {
+        "partial_rotary_factor": 0.5, "pad_token_id": 0, "original_max_position_embeddings": 64,
+        "rope_scaling": {**LONGROPE, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}}),
+}
+
+
+def make_hf(family: str, directory: pathlib.Path, **overrides) -> torch.nn.Module:
+    model_cls, config_cls, extra = FAMILIES[family]
+    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=256, initializer_range=0.2)
+    kwargs.update(extra, **overrides)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def random_ids(batch: int = 2, length: int = 200) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, (batch, length))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_equal_transformers(family, tmp_path):
+    """200 tokens: past the original window (64) of the yarn / llama3 / longrope / dynamic runs."""
+    hf = make_hf(family, tmp_path)
+    ids = random_ids()
+    ref = hf_logits(hf, ids)
+    ours = np.asarray(lx.from_hf(tmp_path)(ids))
+    assert np.abs(ref).max() > 0.5  # the comparison below is not vacuous
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_override_matches_transformers_with_that_config(tmp_path):
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    make_hf("llama", tmp_path / "base")
+    reference = make_hf("llama", tmp_path / "yarn", rope_scaling=scaling)  # same seed: same weights
+    ids = random_ids()
+    model = lx.from_hf(tmp_path / "base", rope_scaling=scaling)
+    assert model.config.rope.rope_type == "yarn"
+    np.testing.assert_allclose(np.asarray(model(ids)), hf_logits(reference, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama-bias", "qwen2", "phi3"])
+def test_to_hf_round_trip(family, tmp_path):
+    hf = make_hf(family, tmp_path / "src")
+    model = lx.from_hf(tmp_path / "src")
+    lx.to_hf(model, tmp_path / "out")
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = random_ids(1, 100)
+    np.testing.assert_array_equal(hf_logits(back, ids), hf_logits(hf, ids))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json",
+                                                                    "model.safetensors"]
+
+
+def test_sharded_checkpoints_read_and_write(tmp_path):
+    hf = make_hf("llama", tmp_path / "src")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    model = lx.from_hf(tmp_path / "sharded")
+    ids = random_ids(1, 50)
+    np.testing.assert_allclose(np.asarray(model(ids)), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    lx.to_hf(model, tmp_path / "out", max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_array_equal(hf_logits(back, ids), hf_logits(hf, ids))
+
+
+def test_orbax_round_trip_and_cli(tmp_path):
+    hf = make_hf("phi3", tmp_path / "hf")
+    model = lx.from_hf(tmp_path / "hf")
+    lx.save(model, tmp_path / "ckpt")
+    restored = lx.load(tmp_path / "ckpt")
+    assert restored.config == model.config
+    ids = random_ids(1, 120)
+    np.testing.assert_array_equal(np.asarray(restored(ids)), np.asarray(model(ids)))
+
+    run = [sys.executable, "-m", "lctx_jax.convert"]
+    subprocess.run(run + ["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "cli")], check=True)
+    subprocess.run(run + ["orbax-to-hf", str(tmp_path / "cli"), str(tmp_path / "back")], check=True)
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    np.testing.assert_array_equal(hf_logits(back, ids), hf_logits(hf, ids))
+
+
+def test_load_into_a_mesh(tmp_path):
+    make_hf("llama", tmp_path / "hf")
+    model = lx.from_hf(tmp_path / "hf")
+    lx.save(model, tmp_path / "ckpt")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    restored = lx.load(tmp_path / "ckpt", mesh=mesh)
+    leaf = jax.tree_util.tree_leaves(restored.params)[0]
+    assert leaf.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    ids = random_ids(1, 30)
+    np.testing.assert_array_equal(np.asarray(restored(ids)), np.asarray(model(ids)))
+
+
+def test_bf16_params_stay_bf16_and_track_transformers(tmp_path):
+    hf = make_hf("llama", tmp_path / "f32")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = lx.from_hf(tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(model.params)} == {jnp.dtype("bfloat16")}
+    ids = random_ids(1, 64)
+    ours, ref = np.asarray(model(ids)), hf_logits(hf, ids)
+    # bf16 (8-bit mantissa) through 2 layers: a few percent of the logit scale.
+    assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_remat_and_gradients(tmp_path):
+    make_hf("llama", tmp_path)
+    model = lx.from_hf(tmp_path)
+    remat = lx.from_hf(tmp_path, remat="full")
+    ids = jnp.asarray(random_ids(1, 32))
+
+    def loss(params, m):
+        logits = m.apply(params, ids)
+        return -jnp.mean(jax.nn.log_softmax(logits)[0, :-1, :].max(-1))
+
+    g1 = jax.grad(loss)(model.params, model)
+    g2 = jax.grad(loss)(remat.params, remat)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unsupported_architecture(tmp_path):
+    make_hf("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        lx.from_hf(tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    make_hf("llama", tmp_path / "src").save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard {shard.name}"):
+        lx.from_hf(tmp_path / "sharded")
+
+
+def test_truncated_safetensors(tmp_path):
+    make_hf("llama", tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        lx.from_hf(tmp_path)
+
+
+def test_tensor_of_wrong_shape(tmp_path):
+    make_hf("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(96, 64\)"):
+        lx.from_hf(tmp_path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    make_hf("llama", tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle files are never loaded"):
+        lx.from_hf(tmp_path)
+
+
+def test_half_written_orbax_checkpoint(tmp_path):
+    make_hf("llama", tmp_path / "hf")
+    model = lx.from_hf(tmp_path / "hf")
+    (tmp_path / "ckpt.tmp-abc").mkdir()  # what a save killed midway leaves
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        lx.load(tmp_path / "ckpt")
+    lx.save(model, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError):
+        lx.save(model, tmp_path / "ckpt")
+    for item in (tmp_path / "ckpt" / "params").rglob("*"):
+        if item.is_file() and item.stat().st_size > 1000:
+            item.write_bytes(item.read_bytes()[:100])  # damage the array data
+    with pytest.raises(ValueError, match="damaged"):
+        lx.load(tmp_path / "ckpt")
+
+
+def test_sliding_window_is_never_silently_ignored(tmp_path):
+    make_hf("mistral", tmp_path, sliding_window=16)
+    model = lx.from_hf(tmp_path)
+    model(random_ids(1, 16))  # within the window: full attention is exact
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        model(random_ids(1, 17))
