@@ -126,5 +126,5 @@ def _split_blocks(x: jax.Array | None, block: int) -> jax.Array | None:
 
 
 def _zero_if_infinite(row_max: jax.Array) -> jax.Array:
-    """A row with no visible key has max −inf; shifting it by 0 instead keeps exp() at 0, not NaN."""
+    """A row with no visible key has max −inf; shifting by 0 instead keeps exp() at 0, not NaN."""
     return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
