@@ -195,7 +195,7 @@ class Block(nn.Module):
     def __call__(self, h: jax.Array, layer_cache: dict | None, ctx: Context
                  ) -> tuple[jax.Array, dict | None]:
         c = self.config
-        b, t, _ = h.shape
+        b, t = ctx.positions.shape  # h is [B·T, H]: see Decoder
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
         q = self.dense(c.num_heads * c.head_dim, "q", c.qkv_bias)(x)
         k = self.dense(c.num_kv_heads * c.head_dim, "k", c.qkv_bias)(x)
@@ -212,7 +212,7 @@ class Block(nn.Module):
                      causal=True, segment_ids=ctx.segment_ids, rope=c.rope,
                      positions=ctx.positions, mesh=self.mesh, kv_positions=ctx.kv_positions,
                      kv_segment_ids=ctx.kv_segment_ids)
-        h = h + self.dense(c.hidden_size, "o", c.o_bias)(out.reshape(b, t, -1))
+        h = h + self.dense(c.hidden_size, "o", c.o_bias)(out.reshape(b * t, -1))
 
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
         gate = self.dense(c.intermediate_size, "gate", c.mlp_bias)(x)
@@ -238,7 +238,10 @@ class Decoder(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
-        h = embed(input_ids)
+        b, t = input_ids.shape
+        # Tokens are flattened to [B·T, H] between attention calls: XLA's CPU backend runs the
+        # backward of a [B, T, H] x [H, F] projection several times slower than of a 2-D one.
+        h = embed(input_ids).reshape(b * t, c.hidden_size)
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -253,7 +256,7 @@ class Decoder(nn.Module):
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.normal(0.02), name="lm_head")(h)
-        return logits.astype(jnp.float32), cache
+        return logits.reshape(b, t, c.vocab_size).astype(jnp.float32), cache
 
 
 # ----------------------------------------------------------------------------- model

@@ -320,16 +320,18 @@ def frequencies(rope: RopeConfig, seq_len: int | jax.Array | None = None
 
 
 def _dynamic_frequencies(rope: RopeConfig, seq_len: int | jax.Array | None) -> jax.Array:
-    """A python int seq_len is folded into the base in double precision (transformers' init
-    path); an array, traced or not, in f32 (transformers' forward path)."""
+    """Up to M the frequencies are the default ones. Past M, a python int seq_len is folded into
+    the base in double precision (transformers' init path), an array, traced or not, in f32
+    (transformers' forward path, which recomputes only once seq_len exceeds M)."""
     dim, m, s = rope.rotary_dim, rope.max_position_embeddings, rope.factor
     if seq_len is None or isinstance(seq_len, int):
         n = m if seq_len is None else max(seq_len, m)
         base = rope.theta * ((s * n / m) - (s - 1)) ** (dim / (dim - 2))
         return jnp.asarray(np.float32(1.0) / _power(base, _exponents(dim)))
-    n = jnp.maximum(jnp.asarray(seq_len).astype(jnp.float32), jnp.float32(m))
+    n = jnp.asarray(seq_len).astype(jnp.float32)
     base = rope.theta * ((s * n / m) - (s - 1)) ** (dim / (dim - 2))
-    return base ** -jnp.asarray(_exponents(dim))  # one rounding, no inexact XLA division
+    grown = base ** -jnp.asarray(_exponents(dim))  # one rounding, no inexact XLA division
+    return jnp.where(n > m, grown, _dynamic_frequencies(rope, None))
 
 
 def yarn_attention_factor(rope: RopeConfig) -> float:
@@ -405,19 +407,19 @@ def rotation(positions: jax.Array, inv_freq: jax.Array, attention_factor: float 
              dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """cos, sin [..., T, 2·len(inv_freq)] for integer positions [..., T].
 
-    angle = position · inv_freq (f32), duplicated over both halves (rotate-half layout), scaled
-    by the attention factor. Positions below `start_tokens` use `start_inv_freq` and factor 1
-    (LongRoPE's kept start tokens). This is the math every attention implementation shares.
+    angle = position · inv_freq (f32), scaled by the attention factor and repeated over both
+    halves (rotate-half layout; the trig runs on one half only). Positions below
+    `start_tokens` use `start_inv_freq` and factor 1 (LongRoPE's kept start tokens). This is
+    the math every attention implementation shares.
     """
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
     cos, sin = jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
     if start_tokens:
         plain = positions.astype(jnp.float32)[..., None] * start_inv_freq
-        plain = jnp.concatenate([plain, plain], axis=-1)
         kept = (positions < start_tokens)[..., None]
         cos, sin = jnp.where(kept, jnp.cos(plain), cos), jnp.where(kept, jnp.sin(plain), sin)
-    return cos.astype(dtype), sin.astype(dtype)
+    cos, sin = cos.astype(dtype), sin.astype(dtype)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def cos_sin(rope: RopeConfig, positions: jax.Array, seq_len: int | jax.Array | None = None,

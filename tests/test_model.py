@@ -160,13 +160,14 @@ def test_remat_and_gradients(tmp_path):
     remat = lx.from_hf(tmp_path, remat="full")
     ids = jnp.asarray(random_ids(1, 32))
 
-    def loss(params, m):
-        logits = m.apply(params, ids)
-        return -jnp.mean(jax.nn.log_softmax(logits)[0, :-1, :].max(-1))
+    def loss(params, m):  # next-token cross-entropy
+        logp = jax.nn.log_softmax(m.apply(params, ids))[:, :-1]
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
     g1 = jax.grad(loss)(model.params, model)
     g2 = jax.grad(loss)(remat.params, remat)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        # recomputation may reorder f32 sums: agreement to ~1e-7 of gradients of size ~1e-2
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 

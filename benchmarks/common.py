@@ -1,0 +1,55 @@
+"""Measurement helpers shared by the benchmarks: fresh-process runs, peak memory, timing."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+
+def rss_mib() -> float:
+    """Current resident memory of this process, MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Sets the process's RSS high-water mark (hence ru_maxrss) back to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(call: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """One warm-up call, then `repeats` timed calls (each must block until done); the peak
+    memory above the RSS before the warm-up."""
+    baseline = rss_mib()
+    reset_peak_rss()
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "times_s": times,
+            "peak_mib": peak_rss_mib() - baseline, "baseline_mib": baseline}
+
+
+def run_child(script: str, *args: str) -> Any:
+    """Runs `python script args` in a fresh process; returns the JSON it prints last."""
+    out = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True,
+                         check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{names[0]} x {len(names)}" if names else "unknown CPU"
