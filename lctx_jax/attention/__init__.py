@@ -1,7 +1,8 @@
 """Attention: `attend` resolves positions, segments and RoPE, then dispatches to an implementation.
 
-Implementations (one module each): "xla" (plain JAX, ./xla.py). Shared math: which keys a query
-sees (./masks.py) and the rotation of q and k (`rotate_qk`, below).
+Implementations (one module each): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with
+RoPE fused in, ./flash.py). Shared math: which keys a query sees (./masks.py) and the rotation
+of q and k (`rotate_qk`, below; "flash" rotates in-kernel with the same `rope.rotation`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from lctx_jax import rope as rope_lib
-from lctx_jax.attention import masks, xla
+from lctx_jax.attention import flash, masks, xla
 
 IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
 _NOT_YET = {
-    "flash": "the Pallas flash-attention kernel with fused RoPE",
     "ring": "ring attention over the mesh's 'sequence' axis",
     "s2": "LongLoRA's shifted sparse attention (S²-Attn)",
 }
 
-__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "masks", "xla"]
+__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "xla"]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,
@@ -42,8 +42,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
     keys with an equal id. A query that sees no key gets zeros (and zero gradients).
 
     rope: q and k are passed un-rotated and rotated here by `rotate_qk`.
-    impl: "xla" (see xla.py; `block_size` forces its blockwise path); "flash", "ring" and "s2"
-    are not implemented yet. mesh: for "ring"; unused by "xla".
+    impl: "xla" (see xla.py; `block_size` forces its blockwise path); "flash" (see flash.py: a
+    Pallas kernel that rotates q and k blocks in-kernel; `block_size` is its q and kv block,
+    interpreted on CPU); "ring" and "s2" are not implemented yet. mesh: for "ring"; unused by
+    "xla" and "flash".
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of "
@@ -60,6 +62,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
         raise ValueError(f"block_size must be a positive int, got {block_size}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "flash":
+        return flash.attend(q, k, v, causal=causal, positions=positions,
+                            kv_positions=kv_positions, segment_ids=segment_ids,
+                            kv_segment_ids=kv_segment_ids, scale=scale, rope=rope,
+                            block_size=block_size)
     if rope is not None:
         q, k = rotate_qk(q, k, rope, positions, kv_positions)
     return xla.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,

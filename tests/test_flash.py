@@ -1,0 +1,328 @@
+"""attend(impl="flash") (Pallas, interpreted on CPU) against attend(impl="xla").
+
+The xla path is itself tested against a float64 reference (test_attention.py), so these tests
+compare values and gradients of q, k, v with the two implementations fed the same inputs.
+Rope enters the flash kernels un-rotated and is applied in-kernel; the xla path rotates outside
+with `rotate_qk`. Both use `lx.rope.rotation` with the same f32 angles, so in f32 the rotated
+q, k agree to an ulp and the differences are summation order alone.
+
+Tolerances (f32, q, k, v ~ N(0, 1), D = 32): outputs are convex combinations of v rows, O(1);
+the online softmax reassociates sums of up to S ≈ 260 terms, ~1e-7 relative each, and the
+softmax max shift differs per block: observed differences are ≤ 1e-6, compared at atol 1e-5.
+Gradients of the random linear functional <out, cotangent> reach ~10 and dk, dv sum over
+T·G ≈ 1600 terms, accumulated in a different order (per q block in the kernel, all at once in
+XLA): observed ≤ 5e-6, compared at atol 2e-5, rtol 1e-5 (as test_attention.py does against
+float64). bf16: see test_bf16_inputs.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lctx_jax as lx
+from lctx_jax import attention
+from lctx_jax.attention import flash
+
+VALUE_TOL = dict(atol=1e-5, rtol=1e-5)
+GRAD_TOL = dict(atol=2e-5, rtol=1e-5)
+HEAD_DIM = 32
+
+
+def random_qkv(seed, batch, q_len, kv_len, q_heads, kv_heads, head_dim=HEAD_DIM,
+               dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), dtype)
+                 for length, heads in ((q_len, q_heads), (kv_len, kv_heads), (kv_len, kv_heads)))
+
+
+ROPES = {
+    "default": {},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "ntk": {"rope_type": "ntk", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 64,
+                 "start_tokens": 4},  # + short/long factors sized by rope_config
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+# Partial rotary on some types (rotary_dim 16 or 24 of 32: the pass-through dims and the
+# permuted layout are exercised).
+PARTIAL = {"default": 1.0, "linear": 1.0, "ntk": 0.75, "dynamic": 1.0, "yarn": 0.5,
+           "longrope": 0.5, "llama3": 0.75}
+
+
+def rope_config(rope_type, head_dim=HEAD_DIM, partial=None):
+    partial = PARTIAL[rope_type] if partial is None else partial
+    scaling = dict(ROPES[rope_type])
+    if rope_type == "longrope":
+        half = int(head_dim * partial) // 2
+        scaling.update(short_factor=list(np.linspace(1.0, 2.0, half)),
+                       long_factor=list(np.linspace(1.0, 8.0, half)))
+    return lx.RopeConfig.from_hf({
+        "head_dim": head_dim, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "partial_rotary_factor": partial, "rope_scaling": scaling or None})
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "causal", "rope", "block_size", "driver"))
+def values_and_grads(q, k, v, cotangent, positions, kv_positions, segment_ids, kv_segment_ids,
+                     *, impl, causal, rope, block_size, driver):
+    """out and d<out, cotangent>/d(q, k, v) for one implementation ("flash" calls the module
+    directly, to choose the driver)."""
+    def run(q, k, v):
+        if impl == "xla":
+            return attention.attend(q, k, v, impl="xla", causal=causal, rope=rope,
+                                    positions=positions, kv_positions=kv_positions,
+                                    segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+        return flash.attend(q, k, v, causal=causal, positions=positions,
+                            kv_positions=kv_positions, segment_ids=segment_ids,
+                            kv_segment_ids=kv_segment_ids, scale=q.shape[-1] ** -0.5,
+                            rope=rope, block_size=block_size, driver=driver)
+
+    out, vjp = jax.vjp(run, q, k, v)
+    return out, vjp(cotangent.astype(out.dtype))
+
+
+def compare(q, k, v, *, causal=True, rope=None, positions=None, kv_positions=None,
+            segment_ids=None, kv_segment_ids=None, block_size=64, driver="grid",
+            value_tol=VALUE_TOL, grad_tol=GRAD_TOL):
+    """flash vs xla on the same inputs: values and gradients; returns flash's (out, grads)."""
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(q_len), (batch, q_len))
+    if kv_positions is None:
+        kv_positions = positions if kv_len == q_len else jnp.broadcast_to(jnp.arange(kv_len),
+                                                                          (batch, kv_len))
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    cotangent = jnp.asarray(np.random.default_rng(99).standard_normal(q.shape), jnp.float32)
+    args = (q, k, v, cotangent, positions, kv_positions, segment_ids, kv_segment_ids)
+    kwargs = dict(causal=causal, rope=rope)
+    out, grads = values_and_grads(*args, impl="flash", block_size=block_size, driver=driver,
+                                  **kwargs)
+    ref_out, ref_grads = values_and_grads(*args, impl="xla", block_size=None, driver=None,
+                                          **kwargs)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
+                               **value_tol)
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+        grad = np.asarray(grad, np.float32)
+        assert np.isfinite(grad).all(), f"d{name} has NaN/inf"
+        np.testing.assert_allclose(grad, np.asarray(ref_grad, np.float32), **grad_tol,
+                                   err_msg=f"d{name}")
+    return out, grads
+
+
+# ----------------------------------------------------------------------------- shapes and masks
+
+
+@pytest.mark.parametrize("groups, causal, driver", [
+    (1, True, "grid"), (2, True, "grid"), (4, True, "grid"), (8, True, "grid"),
+    (4, False, "grid"), (8, True, "loop"), (1, False, "loop")])
+def test_matches_xla(groups, causal, driver):
+    """T = 200 with blocks of 64: the last q and kv blocks are padded. Default rope."""
+    q, k, v = random_qkv(groups, 2, 200, 200, 8, 8 // groups)
+    compare(q, k, v, causal=causal, rope=rope_config("default"), driver=driver)
+
+
+def test_without_rope_through_attend():
+    """impl="flash" via attention.attend, default positions, no rope, block_size 48."""
+    q, k, v = random_qkv(10, 1, 100, 100, 4, 2)
+    out = jax.jit(functools.partial(attention.attend, impl="flash", block_size=48))(q, k, v)
+    ref = jax.jit(functools.partial(attention.attend, impl="xla"))(q, k, v)
+    np.testing.assert_allclose(out, ref, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("driver", ["grid", "loop"])
+def test_packed_documents(driver):
+    """Rows of 8 documents of random lengths; positions restart at 0 in each document, so
+    causal block skipping by position must not skip blocks of later documents."""
+    rng = np.random.default_rng(1)
+    q, k, v = random_qkv(1, 2, 260, 260, 4, 2)
+    segment_ids, positions = [], []
+    for _ in range(2):
+        ends = np.r_[np.sort(rng.choice(np.arange(1, 260), 7, replace=False)), 260]
+        lengths = np.diff(np.r_[0, ends])
+        segment_ids.append(np.repeat(np.arange(8), lengths))
+        positions.append(np.concatenate([np.arange(n) for n in lengths]))
+    compare(q, k, v, rope=rope_config("yarn"), segment_ids=jnp.asarray(np.stack(segment_ids)),
+            positions=jnp.asarray(np.stack(positions)), driver=driver)
+
+
+@pytest.mark.parametrize("q_len, driver", [(1, "grid"), (7, "grid"), (7, "loop")])
+def test_decode_against_a_cache(q_len, driver):
+    """T new tokens at positions 150.. against a cache of 200 slots (T != S, kv_positions
+    given); slots past the last position are masked by causality, and dynamic NTK and the
+    frequencies use seq_len 200 for both q and k."""
+    q, k, v = random_qkv(2, 2, q_len, 200, 8, 2)
+    positions = jnp.broadcast_to(150 + jnp.arange(q_len), (2, q_len))
+    kv_positions = jnp.broadcast_to(jnp.arange(200), (2, 200))
+    compare(q, k, v, rope=rope_config("dynamic"), positions=positions,
+            kv_positions=kv_positions, driver=driver)
+
+
+def test_permuted_positions():
+    """Arbitrary positions (a random permutation, as ring attention's load balancing makes):
+    causal skipping may only use each block's min and max position."""
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(3, 2, 192, 192, 4, 1)
+    positions = jnp.asarray(np.stack([rng.permutation(192), np.arange(192)[::-1]]))
+    compare(q, k, v, rope=rope_config("llama3"), positions=positions)
+
+
+def test_query_with_no_visible_key_gives_zeros_and_finite_grads():
+    q, k, v = random_qkv(4, 2, 90, 90, 4, 4)
+    segment_ids = np.ones((2, 90), np.int32)
+    segment_ids[:, 5] = 7  # no key has id 7
+    out, grads = compare(q, k, v, rope=rope_config("default"),
+                         segment_ids=jnp.asarray(segment_ids),
+                         kv_segment_ids=jnp.ones((2, 90), jnp.int32))
+    assert (np.asarray(out)[:, 5] == 0).all()
+    assert (np.asarray(grads[0])[:, 5] == 0).all()
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+@pytest.mark.parametrize("rope_type", list(ROPES))
+def test_every_rope_type(rope_type):
+    """Positions 0..99 (> max_position_embeddings 64: dynamic NTK rescales, longrope takes its
+    long factors and keeps 4 start tokens unscaled), GQA 2, partial rotary on some types."""
+    q, k, v = random_qkv(20, 1, 100, 100, 4, 2)
+    compare(q, k, v, rope=rope_config(rope_type), block_size=32)
+
+
+@pytest.mark.parametrize("head_dim", [36, 33])
+def test_partial_rotary_odd_sizes(head_dim):
+    """rotary_dim 12 of head_dim 36 (24 pass-through dims) and of 33 (21: the permuted layout
+    pads one zero dim to pair them up). Linear scaling, non-causal."""
+    rope = lx.RopeConfig(rope_type="linear", factor=2.0, head_dim=head_dim, rotary_dim=12)
+    q, k, v = random_qkv(21, 1, 40, 40, 2, 1, head_dim=head_dim)
+    compare(q, k, v, causal=False, rope=rope, block_size=16)
+
+
+# ----------------------------------------------------------------------------- bf16
+
+
+def test_bf16_inputs():
+    """bf16 q, k, v: flash and xla both against xla in f32 on the same (bf16) values.
+
+    Both bf16 paths round the rotated q and k (xla rotates in bf16 arithmetic, flash in f32 then
+    rounds once) and the output to bf16 (2^-8 relative); flash also rounds the probabilities to
+    bf16 before p·v (the matrix unit's input type), xla keeps them f32. So flash's error is that
+    of the xla bf16 path plus a few 2^-9-relative terms: its max error is bounded by 2x xla's
+    plus 1e-2 (outputs and gradients are O(1) to ~10; bf16 spacing at 8 is 2^-4), and its mean
+    relative error by 2^-7 (bf16 keeps 8 significant bits). Observed: max errors 0.009-0.033
+    (xla 0.015-0.046), mean relative ~0.0035 (xla ~0.0045).
+    """
+    rope = rope_config("yarn")
+    q, k, v = random_qkv(6, 2, 150, 150, 8, 2, dtype=jnp.bfloat16)
+    positions = jnp.broadcast_to(jnp.arange(150), (2, 150))
+    cotangent = jnp.asarray(np.random.default_rng(99).standard_normal(q.shape), jnp.float32)
+    common = dict(causal=True, rope=rope)
+
+    def run(impl, dtype, **kw):
+        out, grads = values_and_grads(*(x.astype(dtype) for x in (q, k, v)), cotangent,
+                                      positions, positions, None, None, impl=impl, **common,
+                                      **kw)
+        return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+    exact = run("xla", jnp.float32, block_size=None, driver=None)
+    xla_bf16 = run("xla", jnp.bfloat16, block_size=None, driver=None)
+    flash_bf16 = run("flash", jnp.bfloat16, block_size=64, driver="grid")
+    for name, ref, ours, theirs in zip(["out", "dq", "dk", "dv"], exact, flash_bf16, xla_bf16):
+        ours_err, theirs_err = np.abs(ours - ref).max(), np.abs(theirs - ref).max()
+        assert np.isfinite(ours).all()
+        assert ours_err <= 2 * theirs_err + 1e-2, (name, ours_err, theirs_err)
+        assert np.abs(ours - ref).mean() <= 2.0 ** -7 * np.abs(ref).mean(), name
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_rotate_half_variants(backend):
+    """Each backend's rotate-half (jnp.roll, ±1 matmul, pltpu.roll) equals lx.rope's, bitwise."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64)), jnp.float32)
+    out = jax.jit(functools.partial(flash.rotate_half, backend=backend))(x)
+    np.testing.assert_array_equal(out, lx.rope.rotate_half(x))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_block_rotation_is_rope_rotation(backend):
+    """In-kernel cos/sin (GPU: one frequency per row) equal lx.rope.cos_sin bitwise, kept
+    start tokens included; the transposed rotation undoes the rotation."""
+    rope = rope_config("longrope", partial=1.0)
+    positions = jnp.arange(0, 200, 3)
+    inv_freq, factor = lx.rope.frequencies(rope, 200)
+    cfg = flash._Config(causal=True, scale=1.0, block_q=8, block_k=8, q_blocks=1, kv_blocks=1,
+                        kv_len=8, groups=1, segments=False,
+                        rope=flash._Rope(factor=factor, start_tokens=4, lanes=16, freqs=16),
+                        backend=backend, driver="loop")
+    freqs = (inv_freq, lx.rope.default_frequencies(rope))
+    cos, sin = jax.jit(lambda p: flash.block_rotation(cfg, p, freqs))(positions)
+    ref_cos, ref_sin = lx.rope.cos_sin(rope, positions, seq_len=200)
+    np.testing.assert_array_equal(cos, ref_cos)
+    np.testing.assert_array_equal(sin, ref_sin)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((positions.shape[0], 32)))
+    back = flash.rotate(flash.rotate(x, cos, sin, backend), cos, -sin, backend) / factor ** 2
+    np.testing.assert_allclose(back, x, atol=1e-5)
+
+
+def test_partial_rotary_layout_is_a_permutation():
+    """[rot₁ | pass₁ | rot₂ | pass₂], rotate-half partners D'/2 apart."""
+    dim, pieces = flash._qk_layout(33, 12, "cpu")
+    perm = np.concatenate([np.arange(start, stop) for start, stop in pieces])
+    assert dim == 34 and sorted(perm) == list(range(34))
+    assert list(perm[:6]) == list(range(6)) and list(perm[17:23]) == list(range(6, 12))
+    assert flash._qk_layout(32, 32, "cpu") == (32, None)
+    assert flash._qk_layout(80, 80, "gpu")[0] == 128  # Triton: power-of-two tensors
+
+
+# ----------------------------------------------------------------------------- real backends
+
+
+def _lower(backend, platform, dtype, causal, segments, rope_type, head_dim, block):
+    """Traces forward + backward for `backend` and lowers them for `platform`, no device."""
+    rope = None if rope_type is None else rope_config(rope_type, head_dim=head_dim, partial=0.5)
+    shapes = [(2, 256, 4, head_dim), (2, 256, 2, head_dim), (2, 256, 2, head_dim),
+              (2, 256, 4, head_dim)]
+    specs = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+    specs += [jax.ShapeDtypeStruct((2, 256), jnp.int32)] * 2
+
+    def fwd_bwd(q, k, v, cotangent, positions, segment_ids):
+        def run(q, k, v):
+            return flash.attend(q, k, v, causal=causal, positions=positions,
+                                kv_positions=positions,
+                                segment_ids=segment_ids if segments else None,
+                                kv_segment_ids=segment_ids if segments else None, scale=0.1,
+                                rope=rope, block_size=block, backend=backend)
+        out, vjp = jax.vjp(run, q, k, v)
+        return out, vjp(cotangent)
+
+    text = jax.jit(fwd_bwd).trace(*specs).lower(lowering_platforms=(platform,)).as_text()
+    target = {"cuda": "triton", "tpu": "tpu_custom_call"}[platform]
+    kernels = [line for line in text.splitlines() if "custom_call" in line and target in line]
+    assert len(kernels) == 3, text[:2000]  # forward, dq, dk/dv
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernels_lower_for_gpu_and_tpu(backend, monkeypatch):
+    """Pallas -> Triton IR (GPU) and Pallas -> Mosaic (TPU) lowering of forward and backward,
+    without hardware: catches unsupported primitives, non-power-of-two Triton tensors and
+    illegal TPU block shapes. (Triton's PTX compilation and Mosaic's layout passes and
+    compilation run only on the device: untested.)"""
+    if backend == "tpu":
+        try:  # TPU lowering asks the default device for its TPU generation: say v5e.
+            from jax._src.pallas.mosaic import tpu_info
+            monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda:
+                                tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+        except (ImportError, AttributeError) as error:
+            pytest.skip(f"cannot describe a TPU to the Mosaic lowering: {error}")
+    platform = {"gpu": "cuda", "tpu": "tpu"}[backend]
+    block = 128 if backend == "tpu" else 64
+    _lower(backend, platform, jnp.bfloat16, True, True, "longrope", 128, block)
+    _lower(backend, platform, jnp.float32, False, False, None, 80, block)
