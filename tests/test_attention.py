@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from packing import packed_documents
 
 import lctx_jax as lx
 from lctx_jax import attention
@@ -133,14 +134,9 @@ def test_packed_documents(path):
     """Rows of 8 documents of random lengths; each document's positions restart at 0."""
     rng = np.random.default_rng(1)
     q, k, v = random_qkv(1, 2, 260, 260, 4, 2)
-    segment_ids, positions = [], []
-    for _ in range(2):
-        ends = np.r_[np.sort(rng.choice(np.arange(1, 260), 7, replace=False)), 260]
-        lengths = np.diff(np.r_[0, ends])
-        segment_ids.append(np.repeat(np.arange(8), lengths))
-        positions.append(np.concatenate([np.arange(n) for n in lengths]))
-    check_against_reference(q, k, v, segment_ids=jnp.asarray(np.stack(segment_ids)),
-                            positions=jnp.asarray(np.stack(positions)), block_size=PATHS[path])
+    segment_ids, positions = packed_documents(rng, rows=2, length=260, documents=8)
+    check_against_reference(q, k, v, segment_ids=jnp.asarray(segment_ids),
+                            positions=jnp.asarray(positions), block_size=PATHS[path])
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -17,6 +17,7 @@ Two paths, equal up to f32 rounding:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -47,10 +48,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
 def plain(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
           kv_positions: jax.Array, segment_ids: jax.Array | None,
           kv_segment_ids: jax.Array | None, scale: float) -> jax.Array:
-    """The whole [B, Hkv, G·T, S] score tensor, masked, softmaxed, contracted with v.
+    """The whole score matrix at once, as batched matrix products over [B, Hkv, G·T, S].
 
-    Heads are moved in front of the tokens first, so both contractions are plain batched
-    matrix products (XLA's CPU backend runs the [B, T, H, D] einsum forms 2-3x slower).
+    Heads are moved in front of the tokens so both contractions are plain batched matmuls
+    (XLA's CPU backend runs the [B, T, H, D] einsum forms 2-3x slower).
     """
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -60,17 +61,45 @@ def plain(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: 
     visible = visible.reshape(batch, 1, groups * q_len, kv_len)
     q_rows = _group_heads(q, kv_heads).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
     q_rows = q_rows.reshape(batch, kv_heads, groups * q_len, head_dim)
-    scores = jnp.einsum("bhqd,bhsd->bhqs", q_rows, k.transpose(0, 2, 1, 3),
-                        preferred_element_type=jnp.float32) * scale
+    out = _softmax_attention(q_rows, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                             visible, scale)
+    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(q.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                       scale: float) -> jax.Array:
+    """softmax(scale · q kᵀ over visible keys) v: q [B, H, Q, D], k, v [B, H, S, D], visible
+    [B, 1, Q, S] -> [B, H, Q, D] in q's dtype. Its VJP is the textbook one (below), which XLA
+    runs faster than the autodiff of the masked, guarded forward."""
+    return _softmax_attention_fwd(q, k, v, visible, scale)[0]
+
+
+def _softmax_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                           scale: float) -> tuple[jax.Array, tuple]:
+    scores = jnp.einsum("bhqd,bhsd->bhqs", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(visible, scores, -jnp.inf)
-    row_max = lax.stop_gradient(_zero_if_infinite(scores.max(axis=-1, keepdims=True)))
-    weights = jnp.exp(scores - row_max)
+    weights = jnp.exp(scores - _zero_if_infinite(scores.max(axis=-1, keepdims=True)))
     denominator = weights.sum(axis=-1, keepdims=True)
     probs = weights / jnp.where(denominator > 0, denominator, 1.0)
-    out = jnp.einsum("bhqs,bhsd->bhqd", probs, v.transpose(0, 2, 1, 3),
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(q.shape).astype(q.dtype)
+    out = jnp.einsum("bhqs,bhsd->bhqd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype), (q, k, v, visible, probs, out)
+
+
+def _softmax_attention_bwd(scale: float, residuals: tuple, d_out: jax.Array) -> tuple:
+    """dV = Pᵀ dO; dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)); dQ = scale · dS K; dK = scale · dSᵀ Q."""
+    q, k, v, visible, probs, out = residuals
+    d_out = d_out.astype(jnp.float32)
+    d_v = jnp.einsum("bhqs,bhqd->bhsd", probs, d_out)
+    d_probs = jnp.einsum("bhqd,bhsd->bhqs", d_out, v, preferred_element_type=jnp.float32)
+    d_scores = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True)) * scale
+    d_q = jnp.einsum("bhqs,bhsd->bhqd", d_scores, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bhqs,bhqd->bhsd", d_scores, q, preferred_element_type=jnp.float32)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
