@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from lctx_jax import sharding
 from lctx_jax.model import Decoder, Model, ModelConfig, default_positions, Context
 
 FORMAT = "lctx_jax.checkpoint/1"
@@ -44,20 +45,28 @@ def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
         raise
 
 
-def _abstract_params(config: ModelConfig, param_dtype: Any, sharding: Any) -> Any:
-    """Shapes and dtypes of the parameter tree, each leaf carrying the sharding to restore into."""
+def _abstract_params(config: ModelConfig, param_dtype: Any, mesh: Any) -> Any:
+    """Shapes and dtypes of the parameter tree, each leaf carrying the sharding to restore into:
+    the sharding rules' on a mesh (`lctx_jax.sharding`), else the first device."""
     ids = jnp.zeros((1, 1), jnp.int32)
     ctx = Context(default_positions(ids), None, None, None, None)
     shapes = jax.eval_shape(Decoder(config, param_dtype=param_dtype).init,
                             jax.random.key(0), ids, ctx)["params"]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        shapes)
+    if mesh is None:
+        shardings = jax.tree.map(
+            lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+    else:
+        shardings = sharding.param_shardings(shapes, mesh, config.head_dim)
+    return jax.tree.map(lambda s, target: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                               sharding=target),
+                        shapes, shardings)
 
 
 def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32,
          attention: str = "xla", remat: str = "none") -> Model:
-    """Restores a Model saved by `save`; with a mesh, parameters are restored straight into
-    their shardings on it (replicated until the sharding rules land with ring attention)."""
+    """Restores a Model saved by `save`; with a mesh, every parameter is restored straight into
+    its sharding by the rules (`lctx_jax.sharding.param_shardings`): each device reads only
+    its own shard, whatever the mesh the checkpoint was saved from."""
     path = pathlib.Path(ckpt_dir).absolute()
     if not path.exists():
         partial = sorted(path.parent.glob(path.name + ".tmp-*")) if path.parent.exists() else []
@@ -74,11 +83,7 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
     config = ModelConfig.from_hf(hf)
-    if mesh is not None:
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    else:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = _abstract_params(config, jnp.dtype(meta["param_dtype"]), sharding)
+    target = _abstract_params(config, jnp.dtype(meta["param_dtype"]), mesh)
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as err:  # orbax raises many types for damaged files

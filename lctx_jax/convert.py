@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from lctx_jax import sharding
 from lctx_jax.model import Model, ModelConfig
 
 # Per layer: (our module, transformers' module under model.layers.N). Kernels are transposed:
@@ -136,6 +137,14 @@ class SafetensorsReader:
             raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
                              "file may be truncated") from err
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor, reading only those."""
+        try:
+            return self._handles[self._where[name]].get_slice(name)[start:stop]
+        except SafetensorError as err:
+            raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
+                             "file may be truncated") from err
+
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     file = pathlib.Path(path) / "config.json"
@@ -165,46 +174,69 @@ def _check_names_and_shapes(reader: SafetensorsReader, config: ModelConfig) -> N
                              f"{shape}: the checkpoint and config.json do not belong together")
 
 
-def _split_fused(config: ModelConfig, layer: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Phi-3's qkv_proj / gate_up_proj rows, split into our separate kernels ([out, in])."""
-    out_f = _out_features(config)
-    parts = {}
-    for theirs, names in _FUSED.items():
-        fused = layer[f"{theirs}.weight"]
-        bounds = np.cumsum([out_f[n] for n in names])[:-1]
-        parts.update(zip(names, np.split(fused, bounds, axis=0)))
-    return parts
+def _layer_leaves(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(our module, leaf, per-layer shape) of every stacked leaf under "layers"."""
+    out_f, in_f = _out_features(config), _in_features(config)
+    leaves = [(ours, "scale", (config.hidden_size,)) for ours, _ in _NORMS]
+    for ours, _ in _LINEARS:
+        leaves.append((ours, "kernel", (in_f[ours], out_f[ours])))
+        if _has_bias(config, ours):
+            leaves.append((ours, "bias", (out_f[ours],)))
+    return leaves
+
+
+def _read_layer_leaf(reader: SafetensorsReader, config: ModelConfig, i: int, ours: str,
+                     leaf: str) -> np.ndarray:
+    """One layer's value of one of our leaves (kernels [in, out]); Phi-3's fused qkv /
+    gate_up rows are read as a row range of the fused tensor, never whole."""
+    prefix = f"model.layers.{i}."
+    if leaf == "scale":
+        return reader.get(prefix + dict(_NORMS)[ours] + ".weight")
+    theirs = dict(_LINEARS)[ours]
+    if leaf == "bias":
+        return reader.get(prefix + theirs + ".bias")
+    if config.model_type == "phi3":
+        for fused, names in _FUSED.items():
+            if ours in names:
+                out_f = _out_features(config)
+                start = sum(out_f[n] for n in names[:names.index(ours)])
+                return reader.get_rows(prefix + fused + ".weight", start, start + out_f[ours]).T
+    return reader.get(prefix + theirs + ".weight").T
+
+
+def iter_params_from_hf(reader: SafetensorsReader, config: ModelConfig, dtype: Any = None,
+                        progress: bool = False) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(path, numpy array) of every leaf of the `lctx_jax.model.Decoder` parameter tree, one
+    leaf at a time: a stacked layer leaf [L, ...] is built from the L per-layer tensors and
+    dropped here once the caller moves on, so the host holds one leaf at a time."""
+    _check_names_and_shapes(reader, config)
+    embedding = reader.get("model.embed_tokens.weight")
+    dtype = np.dtype(embedding.dtype if dtype is None else dtype)
+    yield ("embed", "embedding"), embedding.astype(dtype, copy=False)
+    del embedding
+    for ours, leaf, shape in tqdm(_layer_leaves(config), desc="tensors", disable=not progress):
+        stacked = np.empty((config.num_layers, *shape), dtype)
+        for i in range(config.num_layers):
+            stacked[i] = _read_layer_leaf(reader, config, i, ours, leaf)
+        yield ("layers", ours, leaf), stacked
+        del stacked
+    yield ("norm", "scale"), reader.get("model.norm.weight").astype(dtype, copy=False)
+    if not config.tie_word_embeddings:
+        yield ("lm_head", "kernel"), reader.get("lm_head.weight").T.astype(dtype)
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 def params_from_hf(reader: SafetensorsReader, config: ModelConfig, dtype: Any = None,
                    progress: bool = False) -> dict:
     """The parameter tree of `lctx_jax.model.Decoder` from a transformers checkpoint (numpy)."""
-    _check_names_and_shapes(reader, config)
-    dtype = dtype or reader.get("model.embed_tokens.weight").dtype
-    layers: dict[str, dict[str, list[np.ndarray]]] = {}
-
-    def put(module: str, leaf: str, value: np.ndarray) -> None:
-        layers.setdefault(module, {}).setdefault(leaf, []).append(np.asarray(value, dtype))
-
-    for i in tqdm(range(config.num_layers), desc="layers", disable=not progress):
-        prefix = f"model.layers.{i}."
-        layer = {name: reader.get(prefix + name) for name in hf_layer_layout(config)}
-        for ours, theirs in _NORMS:
-            put(ours, "scale", layer[f"{theirs}.weight"])
-        fused = _split_fused(config, layer) if config.model_type == "phi3" else {}
-        for ours, theirs in _LINEARS:
-            weight = fused[ours] if ours in fused else layer[f"{theirs}.weight"]
-            put(ours, "kernel", weight.T)
-            if _has_bias(config, ours):
-                put(ours, "bias", layer[f"{theirs}.bias"])
-    params = {
-        "embed": {"embedding": reader.get("model.embed_tokens.weight").astype(dtype)},
-        "layers": {m: {leaf: np.stack(v) for leaf, v in leaves.items()}
-                   for m, leaves in layers.items()},
-        "norm": {"scale": reader.get("model.norm.weight").astype(dtype)},
-    }
-    if not config.tie_word_embeddings:
-        params["lm_head"] = {"kernel": reader.get("lm_head.weight").T.astype(dtype)}
+    params: dict = {}
+    for path, value in iter_params_from_hf(reader, config, dtype, progress):
+        _set(params, path, value)
     return params
 
 
@@ -217,15 +249,23 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     dtype: compute dtype. param_dtype: storage dtype, default the checkpoint's (bf16 stays bf16).
     rope_scaling: a context-extension method put on the checkpoint, e.g.
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}.
-    mesh: parameters are placed replicated on it (sharding rules arrive with ring attention).
+    mesh: a Mesh from `lctx_jax.make_mesh`: every parameter is split by the sharding rules
+    (`lctx_jax.sharding`). Each leaf is built on the host once and each device receives only
+    its own shard (`jax.make_array_from_callback`); the host copy is dropped before the next
+    leaf is read, so host memory peaks at about one stacked leaf (e.g. all layers' gate
+    kernels), not the model.
     """
     config = ModelConfig.from_hf(read_hf_config(path), rope_scaling)
-    params = params_from_hf(SafetensorsReader(path), config, param_dtype, progress)
-    if mesh is not None:
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params = jax.device_put(params, sharding)
-    else:
-        params = jax.device_put(params)
+    params: dict = {}
+    for leaf_path, host in iter_params_from_hf(SafetensorsReader(path), config, param_dtype,
+                                               progress):
+        if mesh is None:
+            value = jax.device_put(host)
+        else:
+            spec = sharding.param_spec("/".join(leaf_path), host.shape, mesh, config.head_dim)
+            value = sharding.place(host, jax.sharding.NamedSharding(mesh, spec))
+        del host  # the device copy is all that is kept
+        _set(params, leaf_path, value)
     return Model(config, params, dtype=dtype, attention=attention, remat=remat, mesh=mesh)
 
 

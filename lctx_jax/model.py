@@ -9,6 +9,15 @@ Shapes: B batch, T tokens, S cached tokens, H hidden, Hq/Hkv query/key-value hea
 RMSNorm and softmax run in f32; matmuls in the compute dtype; parameters keep their own dtype.
 The KV cache holds un-rotated keys: attention rotates q and k from positions on every call, so
 cached keys and new queries always share one rotation (see `lctx_jax.generate`).
+
+On a mesh (`lctx_jax.sharding`): parameters are placed by the sharding rules, hidden states are
+kept [B, T, H] (not flattened) and constrained to batch over ("data", "fsdp") and tokens over
+"sequence" at the embedding and at each layer's output; positions and segment ids are
+constrained the same way, so "ring" attention and GSPMD see one consistent token layout.
+Calls with a KV cache (generation) are not constrained: GSPMD lays them out from the
+parameters. (A "sequence" constraint there propagates into `generate`'s token buffer, and
+XLA's SPMD partitioner, as of jax 0.10.2, miscompiles its scatter: prompt tokens get
+overwritten. Decoding one token per step has nothing to split along "sequence" anyway.)
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lctx_jax import sharding
 from lctx_jax.attention import attend
 from lctx_jax.rope import RopeConfig
 
@@ -178,6 +189,12 @@ jax.tree_util.register_dataclass(
                           "cache_index"], meta_fields=[])
 
 
+def _cache_safe(attention: str, layer_cache: dict | None) -> str:
+    """Ring attention is self-attention over the sequence axis; a KV-cache call attends T new
+    queries to S cached keys, so it runs the xla path instead."""
+    return "xla" if attention == "ring" and layer_cache is not None else attention
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer: h + attn(norm(h)), then h + SwiGLU(norm(h))."""
 
@@ -195,7 +212,8 @@ class Block(nn.Module):
     def __call__(self, h: jax.Array, layer_cache: dict | None, ctx: Context
                  ) -> tuple[jax.Array, dict | None]:
         c = self.config
-        b, t = ctx.positions.shape  # h is [B·T, H]: see Decoder
+        b, t = ctx.positions.shape  # h is [B·T, H] without a mesh, else [B, T, H]: see Decoder
+        mesh = self.mesh if layer_cache is None else None  # activation constraints: see top
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
         q = self.dense(c.num_heads * c.head_dim, "q", c.qkv_bias)(x)
         k = self.dense(c.num_kv_heads * c.head_dim, "k", c.qkv_bias)(x)
@@ -205,20 +223,21 @@ class Block(nn.Module):
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if layer_cache is not None:
             start = (0, ctx.cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            k, v = (jax.lax.dynamic_update_slice(layer_cache[name], x.astype(
+                layer_cache[name].dtype), start) for name, x in (("k", k), ("v", v)))
             layer_cache = {"k": k, "v": v}
-        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), impl=self.attention,
-                     causal=True, segment_ids=ctx.segment_ids, rope=c.rope,
-                     positions=ctx.positions, mesh=self.mesh, kv_positions=ctx.kv_positions,
+        impl = _cache_safe(self.attention, layer_cache)
+        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), impl=impl, causal=True,
+                     segment_ids=ctx.segment_ids, rope=c.rope, positions=ctx.positions,
+                     mesh=self.mesh, kv_positions=ctx.kv_positions,
                      kv_segment_ids=ctx.kv_segment_ids)
-        h = h + self.dense(c.hidden_size, "o", c.o_bias)(out.reshape(b * t, -1))
+        h = h + self.dense(c.hidden_size, "o", c.o_bias)(out.reshape(*h.shape[:-1], -1))
 
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
         gate = self.dense(c.intermediate_size, "gate", c.mlp_bias)(x)
         up = self.dense(c.intermediate_size, "up", c.mlp_bias)(x)
         h = h + self.dense(c.hidden_size, "down", c.mlp_bias)(nn.silu(gate) * up)
-        return h, layer_cache
+        return sharding.constrain(h, mesh, None), layer_cache
 
 
 class Decoder(nn.Module):
@@ -239,9 +258,18 @@ class Decoder(nn.Module):
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         b, t = input_ids.shape
-        # Tokens are flattened to [B·T, H] between attention calls: XLA's CPU backend runs the
-        # backward of a [B, T, H] x [H, F] projection several times slower than of a 2-D one.
-        h = embed(input_ids).reshape(b * t, c.hidden_size)
+        h = embed(input_ids)
+        if self.mesh is None:
+            # Tokens are flattened to [B·T, H] between attention calls: XLA's CPU backend runs
+            # the backward of a [B, T, H] x [H, F] projection several times slower than of a
+            # 2-D one. On a mesh they stay [B, T, H]: a [B, T] layout split over both batch and
+            # sequence has no equivalent split of B·T, so flattening would cost a reshuffle.
+            h = h.reshape(b * t, c.hidden_size)
+        elif cache is None:  # activation constraints (not with a cache: see the module doc)
+            h = sharding.constrain(h, self.mesh, None)
+            ctx = dataclasses.replace(
+                ctx, positions=sharding.constrain(ctx.positions, self.mesh),
+                segment_ids=sharding.constrain(ctx.segment_ids, self.mesh))
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -256,7 +284,8 @@ class Decoder(nn.Module):
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.normal(0.02), name="lm_head")(h)
-        return logits.reshape(b, t, c.vocab_size).astype(jnp.float32), cache
+        logits = logits.reshape(b, t, c.vocab_size).astype(jnp.float32)
+        return sharding.constrain(logits, self.mesh if cache is None else None, "tensor"), cache
 
 
 # ----------------------------------------------------------------------------- model
@@ -274,6 +303,10 @@ class Model:
     dtype: compute dtype; parameters keep theirs (bf16 checkpoints stay bf16 in memory).
     attention: "xla" | "flash" | "ring" | "s2" (see lctx_jax.attention.attend).
     remat: "none" | "full" | "dots" — activation checkpointing policy per layer.
+    mesh: a Mesh from `lctx_jax.make_mesh`, or None. With a mesh, `from_hf`, `load` and `init`
+    place the parameters by `lctx_jax.sharding.RULES` (`param_shardings`), and `model(ids)`
+    runs as one jit whose inputs are placed by the rules and the activation spec and whose
+    logits come back split over batch and sequence (and vocabulary over "tensor").
     """
 
     config: ModelConfig
@@ -299,17 +332,42 @@ class Model:
     @classmethod
     def init(cls, config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32,
              param_dtype: Any = jnp.float32, **kwargs: Any) -> "Model":
-        """A randomly initialised model (normal(0.02) weights, unit norms)."""
+        """A randomly initialised model (normal(0.02) weights, unit norms); with mesh= in
+        kwargs the parameters are created already split by the sharding rules."""
         module = Decoder(config, dtype, param_dtype)
         ids = jnp.zeros((1, 1), jnp.int32)
-        params = jax.jit(module.init)(rng, ids, Context(default_positions(ids), None, None,
-                                                        None, None))["params"]
+        ctx = Context(default_positions(ids), None, None, None, None)
+
+        def init(rng: jax.Array) -> Any:
+            return module.init(rng, ids, ctx)["params"]
+
+        mesh = kwargs.get("mesh")
+        out_shardings = None
+        if mesh is not None:
+            out_shardings = sharding.param_shardings(jax.eval_shape(init, rng), mesh,
+                                                     config.head_dim)
+        params = jax.jit(init, out_shardings=out_shardings)(rng)
         return cls(config, params, dtype=dtype, **kwargs)
+
+    @property
+    def param_shardings(self) -> Any:
+        """NamedSharding tree of the parameters by the sharding rules (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        return sharding.param_shardings(self.params, self.mesh, self.config.head_dim)
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
               segment_ids: jax.Array | None = None) -> jax.Array:
-        """Pure forward for training code: logits f32 [B, T, vocab]."""
+        """Pure forward for training code: logits f32 [B, T, vocab].
+
+        On a mesh, `params` are constrained to the rule shardings, so inside a jitted training
+        step their gradients come out split the same way (FSDP / tensor) even without
+        out_shardings, instead of being gathered whole on every device.
+        """
         self.check_length(input_ids.shape[1])
+        if self.mesh is not None:
+            params = jax.lax.with_sharding_constraint(
+                params, sharding.param_shardings(params, self.mesh, self.config.head_dim))
         if positions is None:
             positions = default_positions(input_ids)
         ctx = Context(positions, segment_ids, None, None, None)
@@ -328,7 +386,32 @@ class Model:
     def _forward(self) -> Any:
         return jax.jit(self.apply)
 
+    @functools.cached_property
+    def _sharded_forwards(self) -> dict:
+        return {}
+
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        return self._forward(self.params, jnp.asarray(input_ids, jnp.int32), positions,
-                             segment_ids)
+        if self.mesh is None:
+            return self._forward(self.params, jnp.asarray(input_ids, jnp.int32), positions,
+                                 segment_ids)
+        # On a mesh: one jit per input shape with explicit in_shardings (params by the rules,
+        # [B, T] inputs by the activation spec) and out_shardings (logits split over batch and
+        # sequence). Inputs are placed first: host arrays go shard by shard, device arrays are
+        # resharded, and parameters already placed by the rules are not copied.
+        args = [None if x is None else x.astype(jnp.int32) if isinstance(x, jax.Array)
+                else np.asarray(x, np.int32) for x in (input_ids, positions, segment_ids)]
+        shape = args[0].shape
+        if len(shape) != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {shape}")
+        specs = [None if x is None else sharding.activation_sharding(self.mesh, x.shape)
+                 for x in args]
+        key = tuple(None if x is None else x.shape for x in args)
+        if key not in self._sharded_forwards:
+            logits = sharding.activation_sharding(self.mesh, (*shape, self.config.vocab_size),
+                                                  "tensor")
+            self._sharded_forwards[key] = jax.jit(
+                self.apply, in_shardings=(self.param_shardings, *specs), out_shardings=logits)
+        params = jax.device_put(self.params, self.param_shardings)
+        args = [None if x is None else jax.device_put(x, s) for x, s in zip(args, specs)]
+        return self._sharded_forwards[key](params, *args)

@@ -1,8 +1,9 @@
 """Attention: `attend` resolves positions, segments and RoPE, then dispatches to an implementation.
 
 Implementations (one module each): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with
-RoPE fused in, ./flash.py). Shared math: which keys a query sees (./masks.py) and the rotation
-of q and k (`rotate_qk`, below; "flash" rotates in-kernel with the same `rope.rotation`).
+RoPE fused in, ./flash.py), "ring" (sequence parallel over a mesh, ./ring.py). Shared math:
+which keys a query sees (./masks.py) and the rotation of q and k (`rotate_qk`, below; "flash"
+rotates in-kernel with the same `rope.rotation`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from lctx_jax import rope as rope_lib
-from lctx_jax.attention import flash, masks, xla
+from lctx_jax.attention import flash, masks, ring, xla
 
 IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
 _NOT_YET = {
-    "ring": "ring attention over the mesh's 'sequence' axis",
     "s2": "LongLoRA's shifted sparse attention (S²-Attn)",
 }
 
-__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "xla"]
+__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "ring", "xla"]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,
@@ -44,8 +44,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
     rope: q and k are passed un-rotated and rotated here by `rotate_qk`.
     impl: "xla" (see xla.py; `block_size` forces its blockwise path); "flash" (see flash.py: a
     Pallas kernel that rotates q and k blocks in-kernel; `block_size` is its q and kv block,
-    interpreted on CPU); "ring" and "s2" are not implemented yet. mesh: for "ring"; unused by
-    "xla" and "flash".
+    interpreted on CPU); "ring" (see ring.py: self-attention only, S == T, split over the
+    mesh axis "sequence", causal load balancing by zigzag reordering; `block_size` is its
+    largest tile); "s2" is not implemented yet. mesh: for "ring"; unused by "xla" and "flash".
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of "
@@ -67,6 +68,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
                             kv_positions=kv_positions, segment_ids=segment_ids,
                             kv_segment_ids=kv_segment_ids, scale=scale, rope=rope,
                             block_size=block_size)
+    if impl == "ring":
+        return ring.attend(q, k, v, mesh=mesh, positions=positions, kv_positions=kv_positions,
+                           segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                           causal=causal, scale=scale, rope=rope, block_size=block_size)
     if rope is not None:
         q, k = rotate_qk(q, k, rope, positions, kv_positions)
     return xla.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,

@@ -13,6 +13,8 @@ Two paths, equal up to f32 rounding:
              `lax.scan` over key/value blocks carrying (running max, denominator, accumulator).
              Memory O(block²) per head; the backward pass recomputes blocks (`jax.checkpoint`)
              instead of storing T×S probabilities.
+The online-softmax pieces (`empty_stats`, `online_softmax_step`, `masked_scores`, `normalize`)
+and the block layout helpers are shared with ./ring.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from lctx_jax.attention import masks
 
 BLOCKWISE_THRESHOLD = 2048 * 2048  # T·S above which the blockwise path is taken
 DEFAULT_BLOCK_SIZE = 512
+
+# Online-softmax state of a query block: running max m and denominator l [B, Hkv, G, bq], and
+# the unnormalised accumulator [B, Hkv, G, bq, D]; all f32. Shared with ./ring.py.
+Stats = tuple[jax.Array, jax.Array, jax.Array]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
@@ -59,7 +65,7 @@ def plain(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: 
     visible = masks.visible(positions, kv_positions, segment_ids, kv_segment_ids, causal=causal)
     visible = jnp.broadcast_to(visible[:, None, None], (batch, 1, groups, q_len, kv_len))
     visible = visible.reshape(batch, 1, groups * q_len, kv_len)
-    q_rows = _group_heads(q, kv_heads).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    q_rows = group_heads(q, kv_heads).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
     q_rows = q_rows.reshape(batch, kv_heads, groups * q_len, head_dim)
     out = _softmax_attention(q_rows, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                              visible, scale)
@@ -80,7 +86,7 @@ def _softmax_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, visible: ja
                            scale: float) -> tuple[jax.Array, tuple]:
     scores = jnp.einsum("bhqd,bhsd->bhqs", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(visible, scores, -jnp.inf)
-    weights = jnp.exp(scores - _zero_if_infinite(scores.max(axis=-1, keepdims=True)))
+    weights = jnp.exp(scores - zero_if_infinite(scores.max(axis=-1, keepdims=True)))
     denominator = weights.sum(axis=-1, keepdims=True)
     probs = weights / jnp.where(denominator > 0, denominator, 1.0)
     out = jnp.einsum("bhqs,bhsd->bhqd", probs, v, preferred_element_type=jnp.float32)
@@ -110,40 +116,24 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positio
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     block_q, block_k = min(block_size, q_len), min(block_size, kv_len)
-    kv_valid = jnp.ones((batch, kv_len), dtype=bool)  # False where _split_blocks pads
-    kv_blocks = tuple(_split_blocks(x, block_k) for x in
+    kv_valid = jnp.ones((batch, kv_len), dtype=bool)  # False where split_blocks pads
+    kv_blocks = tuple(split_blocks(x, block_k) for x in
                       (k, v, kv_positions, kv_segment_ids, kv_valid))
-    q_blocks = tuple(_split_blocks(x, block_q) for x in
-                     (_group_heads(q, kv_heads), positions, segment_ids))
+    q_blocks = tuple(split_blocks(x, block_q) for x in
+                     (group_heads(q, kv_heads), positions, segment_ids))
 
     def query_block(q_block_inputs: tuple) -> jax.Array:
         q_block, q_pos, q_seg = q_block_inputs
 
-        def kv_step(carry: tuple, kv_block: tuple) -> tuple[tuple, None]:
-            row_max, denominator, acc = carry  # [B, Hkv, G, bq] ×2, [B, Hkv, G, bq, D]; f32
+        def kv_step(carry: Stats, kv_block: tuple) -> tuple[Stats, None]:
             k_block, v_block, kv_pos, kv_seg, valid = kv_block
             visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=causal)
             visible &= valid[:, None, :]
-            scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block,
-                                preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-            # The max only keeps exp() in range; the result does not depend on it.
-            new_max = lax.stop_gradient(jnp.maximum(row_max, scores.max(axis=-1)))
-            shift = _zero_if_infinite(new_max)
-            rescale = jnp.exp(row_max - shift)
-            weights = jnp.exp(scores - shift[..., None])
-            denominator = denominator * rescale + weights.sum(axis=-1)
-            acc = acc * rescale[..., None] + jnp.einsum(
-                "bhgqk,bkhd->bhgqd", weights, v_block, preferred_element_type=jnp.float32)
-            return (new_max, denominator, acc), None
+            return online_softmax_step(carry, q_block, k_block, v_block, visible, scale), None
 
-        stats_shape = (batch, kv_heads, q_heads // kv_heads, q_block.shape[1])
-        init = (jnp.full(stats_shape, -jnp.inf, jnp.float32),
-                jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros((*stats_shape, head_dim), jnp.float32))
         (_, denominator, acc), _ = lax.scan(jax.checkpoint(kv_step, prevent_cse=False),
-                                            init, kv_blocks)
-        return acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+                                            empty_stats(q_block), kv_blocks)
+        return normalize(denominator, acc)
 
     # Checkpointing the query block too keeps only its inputs for the backward pass, not the
     # scan's per-step carries for every query block (which would be O(T · S/block · D)).
@@ -152,13 +142,57 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positio
     return out.reshape(batch, -1, q_heads, head_dim)[:, :q_len].astype(q.dtype)
 
 
-def _group_heads(q: jax.Array, kv_heads: int) -> jax.Array:
+def empty_stats(q_block: jax.Array) -> Stats:
+    """(m = −inf, l = 0, acc = 0), the state before any key is seen, for q_block
+    [..., bq, Hkv, G, D]: m, l [..., Hkv, G, bq], acc [..., Hkv, G, bq, D]."""
+    *lead, block, kv_heads, groups, head_dim = q_block.shape
+    stats_shape = (*lead, kv_heads, groups, block)
+    return (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros((*stats_shape, head_dim), jnp.float32))
+
+
+def online_softmax_step(stats: Stats, q_block: jax.Array, k_block: jax.Array,
+                        v_block: jax.Array, visible: jax.Array, scale: float) -> Stats:
+    """Folds one key/value block into `stats`: q_block [B, bq, Hkv, G, D], k_block, v_block
+    [B, bk, Hkv, D], visible bool [B, bq, bk].
+
+        s = scale · q kᵀ (−inf where not visible),  m' = max(m, rowmax s),
+        l' = l·e^(m − m') + Σ_k e^(s − m'),          acc' = acc·e^(m − m') + e^(s − m') v
+    """
+    row_max, denominator, acc = stats
+    scores = masked_scores(q_block, k_block, visible, scale)
+    # The max only keeps exp() in range; the result does not depend on it.
+    new_max = lax.stop_gradient(jnp.maximum(row_max, scores.max(axis=-1)))
+    shift = zero_if_infinite(new_max)
+    rescale = jnp.exp(row_max - shift)
+    weights = jnp.exp(scores - shift[..., None])
+    denominator = denominator * rescale + weights.sum(axis=-1)
+    acc = acc * rescale[..., None] + jnp.einsum(
+        "bhgqk,bkhd->bhgqd", weights, v_block, preferred_element_type=jnp.float32)
+    return new_max, denominator, acc
+
+
+def masked_scores(q_block: jax.Array, k_block: jax.Array, visible: jax.Array,
+                  scale: float) -> jax.Array:
+    """scale · q kᵀ, −inf where not visible: f32 [B, Hkv, G, bq, bk] from q_block
+    [B, bq, Hkv, G, D], k_block [B, bk, Hkv, D] and visible [B, bq, bk]."""
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block,
+                        preferred_element_type=jnp.float32) * scale
+    return jnp.where(visible[:, None, None], scores, -jnp.inf)
+
+
+def normalize(denominator: jax.Array, acc: jax.Array) -> jax.Array:
+    """acc / l, f32 [..., bq, D]; 0 for a query that saw no key (l = 0)."""
+    return acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+
+
+def group_heads(q: jax.Array, kv_heads: int) -> jax.Array:
     """[B, T, Hq, D] -> [B, T, Hkv, G, D]: query head h uses key/value head h // G."""
     batch, q_len, q_heads, head_dim = q.shape
     return q.reshape(batch, q_len, kv_heads, q_heads // kv_heads, head_dim)
 
 
-def _split_blocks(x: jax.Array | None, block: int) -> jax.Array | None:
+def split_blocks(x: jax.Array | None, block: int) -> jax.Array | None:
     """[B, L, ...] -> [ceil(L / block), B, block, ...], zero-padded at the end of L."""
     if x is None:
         return None
@@ -167,6 +201,6 @@ def _split_blocks(x: jax.Array | None, block: int) -> jax.Array | None:
     return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
 
 
-def _zero_if_infinite(row_max: jax.Array) -> jax.Array:
+def zero_if_infinite(row_max: jax.Array) -> jax.Array:
     """A row with no visible key has max −inf; shifting by 0 instead keeps exp() at 0, not NaN."""
     return jnp.where(jnp.isfinite(row_max), row_max, 0.0)

@@ -1,0 +1,483 @@
+"""Ring attention (Liu et al. 2023): self-attention split over the mesh axis "sequence".
+
+Each of the P devices of the ring keeps one chunk of T/P queries. The key/value chunks, with
+their positions and segment ids, travel around the ring by `lax.ppermute` (P − 1 hops), and every
+device folds each chunk that passes by into an online softmax (./xla.py's pieces):
+
+    s = scale · q kᵀ (−inf where masks.visible is False),   m' = max(m, rowmax s),
+    l' = l·e^(m − m') + Σ e^(s − m'),   acc' = acc·e^(m − m') + e^(s − m') v,
+    out = acc / l,   lse = m + log l   (a query with no visible key: out 0, lse +inf).
+
+Same semantics as the "xla" reference: causal by position, segment ids, grouped-query attention
+without repeating k/v (query head h uses key/value head h // G), f32 statistics.
+
+Backward (`jax.custom_vjp`, FlashAttention-2 recomputation): the forward saves out and lse. The
+kv chunks go around the ring again, each followed one hop behind by its f32 dK, dV accumulator,
+to which every device adds its queries' contribution; after the last hop it reaches the chunk's
+owner. Per tile pair, with δ = rowsum(dout ⊙ out):
+
+    p = e^(s − lse),  dV += pᵀ dout,  dS = scale · p ⊙ (dout vᵀ − δ),  dQ += dS k,  dK += dSᵀ q.
+
+A device holds its own chunk, the visiting one (two while a hop is in flight) and [bq, bk] score
+tiles: never T×T scores, nor all of K, V or their gradients.
+
+Tiles. Within a hop, queries and the visiting chunk are cut into tiles (`tile_size`; `lax.map`
+over q tiles, `lax.scan` over kv tiles). With `causal`, a tile pair whose smallest key position
+exceeds its largest query position (in every batch row) is skipped by `lax.cond`, so whole hops
+of invisible chunks cost nothing. `work_per_device` counts the pairs each device computes.
+
+Load balancing (causal only; a non-causal ring is balanced as it is). Contiguous chunks give the
+last device P times the work of the first. `scheme` reorders tokens along T before the ring and
+restores the output after (`reorder`, `restore`): "zigzag" (device i holds chunks i and
+2P−1−i of 2P; tiles split the two halves) or "striped" (token t on device t mod P); "none" keeps
+contiguous chunks. Positions and segment ids move with their tokens, so the mask and RoPE see
+true positions and the result does not depend on the scheme, only the work does.
+A caller that keeps its tokens in ring order all along (a model applying `reorder` once to
+input_ids, positions, segment_ids and targets) passes `inputs_reordered=True`: attend then
+skips the reorder and restore, two cross-device permutations of q, k, v and out per call.
+
+RoPE: q and the local k are rotated once per device before the ring, from their true positions,
+by `lx.rope.cos_sin` with seq_len = global max position + 1 (`lax.pmax` over the ring and batch
+axes), as `rotate_qk` does; rotated keys then travel. Autodiff takes the rotation's gradient.
+
+Sharding: in_specs P(batch, "sequence", heads, None) with batch = the mesh's "data" and "fsdp"
+axes (those present) and heads = "tensor" if present. Ordinary arrays may be passed: `shard_map`
+(eager or inside jit) moves them to those shardings; arrays already placed there are not copied.
+
+Overlap: every hop issues the ppermute of the next chunk (in the backward also of the arriving
+dK, dV accumulator) before computing on the current one, and nothing in the hop's compute waits
+for it, so an asynchronous collective can run behind the compute.
+
+Verified on CPU only (8 simulated devices; tests/test_ring.py): values and gradients against
+the "xla" path; the arrays each pass sends (P − 1 kv hops forward; P − 1 kv and P dK, dV hops
+backward); that the tiles computed per device equal `work_per_device`; that `reorder` compiles
+to chunk-sized collectives, no all-gather. Not verified: that GPU/TPU schedulers do overlap the
+ppermutes, speed, memory at scale. The inner block is XLA's tile math, not the Pallas kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from lctx_jax import rope as rope_lib
+from lctx_jax.attention import masks, xla
+
+SCHEMES = ("zigzag", "striped", "none")
+RING_AXIS = "sequence"
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+Tree = Any
+
+
+# ----------------------------------------------------------------------------- public helpers
+
+
+def reorder(x: jax.Array, ring_size: int, scheme: str, axis: int = 1) -> jax.Array:
+    """Tokens along `axis` (length T) into ring order: contiguous chunk i of T/P is what device
+    i holds. zigzag: chunks i and 2P−1−i of 2P; striped: tokens i, i+P, i+2P, ...; none: as is.
+    Pure reshapes and transposes, which XLA partitions into chunk-sized collectives."""
+    _check_scheme(scheme)
+    x = jnp.moveaxis(jnp.asarray(x), axis, 0)
+    length, rest = x.shape[0], x.shape[1:]
+    _check_length(length, ring_size, scheme)
+    if scheme == "zigzag":
+        halves = x.reshape(2, ring_size, length // (2 * ring_size), *rest)
+        x = jnp.stack([halves[0], halves[1, ::-1]], axis=1)  # [P, 2, T/2P, ...]
+    elif scheme == "striped":
+        x = x.reshape(length // ring_size, ring_size, *rest).swapaxes(0, 1)  # [P, T/P, ...]
+    return jnp.moveaxis(x.reshape(length, *rest), 0, axis)
+
+
+def restore(x: jax.Array, ring_size: int, scheme: str, axis: int = 1) -> jax.Array:
+    """The inverse of `reorder`: ring order back to token order along `axis`."""
+    _check_scheme(scheme)
+    x = jnp.moveaxis(jnp.asarray(x), axis, 0)
+    length, rest = x.shape[0], x.shape[1:]
+    _check_length(length, ring_size, scheme)
+    if scheme == "zigzag":
+        pairs = x.reshape(ring_size, 2, length // (2 * ring_size), *rest)
+        x = jnp.concatenate([pairs[:, 0], pairs[::-1, 1]])  # chunks 0..P−1, then P..2P−1
+    elif scheme == "striped":
+        x = x.reshape(ring_size, length // ring_size, *rest).swapaxes(0, 1)
+    return jnp.moveaxis(x.reshape(length, *rest), 0, axis)
+
+
+def tile_size(chunk: int, scheme: str, block_size: int | None = None) -> int:
+    """Tile length within a device's chunk of `chunk` tokens: the largest divisor of the chunk
+    (of its half for zigzag, so tiles never straddle the two halves) that is at most
+    block_size (default xla.DEFAULT_BLOCK_SIZE). A chunk length with no divisor near block_size
+    gives small tiles: correct, but slow."""
+    unit = chunk // 2 if scheme == "zigzag" else chunk
+    block = min(block_size or xla.DEFAULT_BLOCK_SIZE, unit)
+    return next(d for d in range(block, 0, -1) if unit % d == 0)
+
+
+def work_per_device(positions: Any, ring_size: int, scheme: str = "zigzag", *,
+                    causal: bool = True, block_size: int | None = None,
+                    inputs_reordered: bool = False) -> np.ndarray:
+    """Tile pairs each device computes in one ring pass (the backward computes the same ones):
+    int [ring_size], from positions [B, T] or [T] as given to `attend` (same arguments).
+
+    A device computes pair (q tile, kv tile) unless causal and, in every batch row, the kv
+    tile's smallest position exceeds the q tile's largest. Each device meets every kv chunk
+    once, so the total over devices and the balance (max / mean) follow from the layout alone.
+    """
+    positions = np.atleast_2d(np.asarray(positions))
+    batch, length = positions.shape
+    scheme = _scheme(scheme, causal)
+    _check_length(length, ring_size, scheme)
+    chunk = length // ring_size
+    tile = tile_size(chunk, scheme, block_size)
+    if not causal:
+        return np.full(ring_size, ring_size * (chunk // tile) ** 2)
+    if not inputs_reordered:
+        positions = np.asarray(reorder(positions, ring_size, scheme))
+    tiles = positions.reshape(batch, ring_size, chunk // tile, tile)
+    seen = tiles.min(-1)[:, None, None] <= tiles.max(-1)[:, :, :, None, None]  # [B, P, n, P, n]
+    return seen.any(axis=0).sum(axis=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- attend
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """What the ring core needs to know statically (a custom_vjp nondiff argument)."""
+    causal: bool
+    scale: float
+    ring_size: int
+    tile: int
+    axes: tuple[str, ...]  # the mesh axes q, k, v are split over (they vary along them)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: jax.Array,
+           kv_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+           kv_segment_ids: jax.Array | None = None, causal: bool = True,
+           scale: float | None = None, rope: rope_lib.RopeConfig | None = None,
+           scheme: str = "zigzag", inputs_reordered: bool = False,
+           block_size: int | None = None) -> jax.Array:
+    """Self-attention q [B, T, Hq, D], k, v [B, T, Hkv, D] (un-rotated) -> [B, T, Hq, D] in q's
+    dtype, T split over mesh axis "sequence" (P devices; T % P == 0, T % 2P == 0 for zigzag).
+
+    positions [B, T] int (or [T]); kv_positions default positions; segment_ids [B, T] or None;
+    kv_segment_ids default segment_ids. scale default 1/sqrt(D). rope: rotated inside from the
+    positions. scheme: "zigzag" | "striped" | "none", the causal load balancing (ignored when not
+    causal). inputs_reordered: all of q, k, v, positions and segment ids are already in
+    `reorder(·, P, scheme)` order, and the output is returned in that order. block_size: the
+    largest tile (see `tile_size`).
+    """
+    ring_size = _ring_size(mesh)
+    batch, length, q_heads, head_dim = q.shape
+    if k.shape[1] != length or v.shape[1] != length:
+        raise ValueError(f"ring attention is self-attention: q has {length} tokens but k, v "
+                         f"have {k.shape[1]}, {v.shape[1]}; use impl='xla' or 'flash' for "
+                         "decoding against a cache")
+    scheme = _scheme(scheme, causal)
+    _check_length(length, ring_size, scheme)
+    batch_axes, head_axis = _mesh_axes(mesh, batch, q_heads, k.shape[2])
+
+    def tokens(x: Any) -> jax.Array | None:  # [B, T] int32
+        return None if x is None else jnp.broadcast_to(jnp.asarray(x, jnp.int32),
+                                                       (batch, length))
+
+    positions, segment_ids = tokens(positions), tokens(segment_ids)
+    kv_positions = positions if kv_positions is None else tokens(kv_positions)
+    kv_segment_ids = segment_ids if kv_segment_ids is None else tokens(kv_segment_ids)
+    if (segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass segment_ids for the queries as well as kv_segment_ids")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    cfg = _Config(causal=causal, scale=float(scale), ring_size=ring_size,
+                  tile=tile_size(length // ring_size, scheme, block_size),
+                  axes=(*batch_axes, RING_AXIS) + ((head_axis,) if head_axis else ()))
+    run = _compiled(cfg, rope, mesh, batch_axes, head_axis,
+                    None if inputs_reordered else scheme)
+    return run(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(cfg: _Config, rope: rope_lib.RopeConfig | None, mesh: Any,
+              batch_axes: tuple[str, ...], head_axis: str | None, scheme: str | None
+              ) -> Callable[..., jax.Array]:
+    """jit(reorder by `scheme` (None: inputs already in ring order), shard_map, restore) for
+    one static configuration. Cached, so eager callers compile once; inside an outer jit it is
+    inlined."""
+    batch_spec = batch_axes or None
+    heads = PartitionSpec(batch_spec, RING_AXIS, head_axis, None)
+    rows = PartitionSpec(batch_spec, RING_AXIS)
+    local = functools.partial(_local_attention, cfg, rope, (*batch_axes, RING_AXIS))
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(heads,) * 3 + (rows,) * 4,
+                            out_specs=heads)
+
+    def run(*arrays: jax.Array | None) -> jax.Array:
+        if scheme is None:
+            return sharded(*arrays)
+        arrays = tuple(None if x is None else reorder(x, cfg.ring_size, scheme)
+                       for x in arrays)
+        return restore(sharded(*arrays), cfg.ring_size, scheme)
+
+    return jax.jit(run)
+
+
+def _local_attention(cfg: _Config, rope: rope_lib.RopeConfig | None,
+                     position_axes: tuple[str, ...], q: jax.Array, k: jax.Array, v: jax.Array,
+                     positions: jax.Array, kv_positions: jax.Array,
+                     segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None
+                     ) -> jax.Array:
+    """One device's part (inside shard_map): local chunks [b, T/P, ...] -> out [b, T/P, hq, D]."""
+    if rope is not None:
+        seq_len = lax.pmax(jnp.maximum(positions.max(), kv_positions.max()), position_axes) + 1
+        q = rope_lib.apply(q, *rope_lib.cos_sin(rope, positions, seq_len=seq_len))
+        k = rope_lib.apply(k, *rope_lib.cos_sin(rope, kv_positions, seq_len=seq_len))
+    return _ring_attention(cfg, q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)
+
+
+# ----------------------------------------------------------------------------- ring core
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array,
+                    positions: jax.Array, kv_positions: jax.Array,
+                    segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None
+                    ) -> jax.Array:
+    return _ring_forward(cfg, q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)[0]
+
+
+def _ring_forward(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                  kv_positions: jax.Array, segment_ids: jax.Array | None,
+                  kv_segment_ids: jax.Array | None) -> tuple[jax.Array, tuple]:
+    q_tiles = _q_tiles(cfg, q, k.shape[2], positions, segment_ids)
+    step = functools.partial(_forward_step, cfg, q_tiles)
+    stats = _varying(cfg, xla.empty_stats(q_tiles[0]))
+    kv = _kv_tiles(cfg, k, v, kv_positions, kv_segment_ids)
+    row_max, denominator, acc = _forward_hops(cfg, step, stats, kv)
+    out = xla.normalize(denominator, acc)  # [n, b, Hkv, G, bq, D]
+    out = _merge_tiles(out.transpose(0, 1, 4, 2, 3, 5), q.shape).astype(q.dtype)
+    lse = jnp.where(denominator > 0, row_max + jnp.log(jnp.where(denominator > 0,
+                                                                   denominator, 1.0)), jnp.inf)
+    return out, (q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse)
+
+
+def _ring_backward(cfg: _Config, residuals: tuple, d_out: jax.Array) -> tuple:
+    q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse = residuals
+    kv_heads = k.shape[2]
+    q_tiles = _q_tiles(cfg, q, kv_heads, positions, segment_ids)
+    d_out_tiles = _split_tiles(cfg, xla.group_heads(d_out, kv_heads))
+    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", d_out_tiles.astype(jnp.float32),
+                       _split_tiles(cfg, xla.group_heads(out, kv_heads)).astype(jnp.float32))
+    step = functools.partial(_backward_step, cfg, (*q_tiles, d_out_tiles, lse, delta))
+    d_q = _varying(cfg, jnp.zeros(q_tiles[0].shape, jnp.float32))
+    d_q, (d_k, d_v) = _backward_hops(cfg, step, d_q,
+                                     _kv_tiles(cfg, k, v, kv_positions, kv_segment_ids))
+    return (*(_merge_tiles(grad, x.shape).astype(x.dtype)
+              for grad, x in ((d_q, q), (d_k, k), (d_v, v))), None, None, None, None)
+
+
+_ring_attention.defvjp(_ring_forward, _ring_backward)
+
+
+def _pass_on(cfg: _Config, tree: Tree) -> Tree:
+    """Every device sends `tree` to the next one on the ring (i -> i + 1 mod P)."""
+    size = cfg.ring_size
+    return lax.ppermute(tree, RING_AXIS, [(i, (i + 1) % size) for i in range(size)])
+
+
+def _forward_hops(cfg: _Config, step: Callable[[xla.Stats, Tree], xla.Stats],
+                  stats: xla.Stats, kv: Tree) -> xla.Stats:
+    """Folds the P chunks into `stats`: at hop s a device holds the chunk of device i − s.
+    The next chunk's ppermute is issued alongside the current chunk's compute."""
+    def hop(carry: tuple, _: None) -> tuple[tuple, None]:
+        stats, kv = carry
+        next_kv = _pass_on(cfg, kv)  # in flight while this hop computes
+        return (step(stats, kv), next_kv), None
+
+    (stats, kv), _ = lax.scan(hop, (stats, kv), length=cfg.ring_size - 1)
+    return step(stats, kv)  # the last chunk goes no further
+
+
+def _backward_hops(cfg: _Config, step: Callable[[jax.Array, Tree], tuple[jax.Array, Tree]],
+                   d_q: jax.Array, kv: Tree) -> tuple[jax.Array, Tree]:
+    """Runs step(dq, chunk) -> (dq, chunk's dK, dV contribution) on the P chunks as they pass.
+    Each chunk's accumulator follows it one hop behind (sent at the start of the next hop, so
+    both ppermutes overlap the compute) and, after the last hop, goes home to its owner."""
+    def hop(carry: tuple, send_kv: bool) -> tuple:
+        d_q, kv, d_kv = carry  # d_kv: this device's sum for the chunk it held last hop
+        next_kv = _pass_on(cfg, kv) if send_kv else kv
+        arrived = _pass_on(cfg, d_kv)  # the previous device's sum for the chunk held now
+        d_q, contribution = step(d_q, kv)
+        return d_q, next_kv, jax.tree.map(jnp.add, arrived, contribution)
+
+    size = cfg.ring_size
+    next_kv = _pass_on(cfg, kv) if size > 1 else kv
+    d_q, own = step(d_q, kv)  # hop 0: the device's own chunk, nothing arrived yet
+    carry = (d_q, next_kv, own)
+    if size > 2:
+        carry, _ = lax.scan(lambda c, _: (hop(c, True), None), carry, length=size - 2)
+    if size > 1:
+        carry = hop(carry, False)
+    d_q, _, d_kv = carry
+    return d_q, _pass_on(cfg, d_kv)  # held chunk i + 1's sum: to device i + 1
+
+
+# ----------------------------------------------------------------------------- one hop
+
+
+def _forward_step(cfg: _Config, q_tiles: tuple, stats: xla.Stats, kv: tuple) -> xla.Stats:
+    """Folds one visiting chunk into every q tile's stats: q tiles [n, b, bq, Hkv, G, D] with
+    positions and segment ids [n, b, bq]; kv tiles [n, b, bk, Hkv, D], [n, b, bk]."""
+    def q_tile(args: tuple) -> xla.Stats:
+        stats, q, q_pos, q_seg = args
+
+        def kv_tile(stats: xla.Stats, kv_tile: tuple) -> tuple[xla.Stats, None]:
+            k, v, kv_pos, kv_seg = kv_tile
+
+            def fold(stats: xla.Stats) -> xla.Stats:
+                visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=cfg.causal)
+                return xla.online_softmax_step(stats, q, k, v, visible, cfg.scale)
+
+            return _unless_hidden(cfg, q_pos, kv_pos, fold, stats), None
+
+        return lax.scan(kv_tile, stats, kv)[0]
+
+    return lax.map(q_tile, (stats, *q_tiles))
+
+
+def _backward_step(cfg: _Config, q_side: tuple, d_q: jax.Array, kv: tuple
+                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """dq [n, b, bq, Hkv, G, D] f32 updated with one visiting chunk, and the chunk's dK, dV
+    contribution [n, b, bk, Hkv, D] f32. q_side: q tiles, positions, segment ids, dout tiles,
+    lse and δ [n, b, Hkv, G, bq]."""
+    def kv_tile(d_q: jax.Array, kv_tile: tuple) -> tuple[jax.Array, tuple]:
+        k, v, kv_pos, kv_seg = kv_tile
+
+        def q_tile(d_kv: tuple, args: tuple) -> tuple[tuple, jax.Array]:
+            d_q, q, q_pos, q_seg, d_out, lse, delta = args
+
+            def grads(carry: tuple) -> tuple:
+                d_q, (d_k, d_v) = carry
+                visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=cfg.causal)
+                tile_dq, tile_dk, tile_dv = _tile_grads(q, k, v, d_out, lse, delta, visible,
+                                                        cfg.scale)
+                return d_q + tile_dq, (d_k + tile_dk, d_v + tile_dv)
+
+            d_q, d_kv = _unless_hidden(cfg, q_pos, kv_pos, grads, (d_q, d_kv))
+            return d_kv, d_q
+
+        zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (k, v))
+        d_kv, d_q = lax.scan(q_tile, _varying(cfg, zeros), (d_q, *q_side))
+        return d_q, d_kv
+
+    return lax.scan(kv_tile, d_q, kv)
+
+
+def _tile_grads(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
+                delta: jax.Array, visible: jax.Array, scale: float
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One tile pair's f32 (dq [b, bq, Hkv, G, D], dk, dv [b, bk, Hkv, D]) from q, d_out
+    [b, bq, Hkv, G, D], k, v [b, bk, Hkv, D], lse, δ [b, Hkv, G, bq], visible [b, bq, bk]."""
+    probs = jnp.exp(xla.masked_scores(q, k, visible, scale) - lse[..., None])
+    d_v = jnp.einsum("bhgqk,bqhgd->bkhd", probs.astype(d_out.dtype), d_out,
+                     preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("bqhgd,bkhd->bhgqk", d_out, v, preferred_element_type=jnp.float32)
+    d_scores = (probs * (d_probs - delta[..., None]) * scale).astype(q.dtype)
+    d_q = jnp.einsum("bhgqk,bkhd->bqhgd", d_scores, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bhgqk,bqhgd->bkhd", d_scores, q, preferred_element_type=jnp.float32)
+    return d_q, d_k, d_v
+
+
+def _varying(cfg: _Config, tree: Tree) -> Tree:
+    """Fresh arrays (initial accumulators) typed as varying over the mesh axes like q, k, v, as
+    shard_map's checks require of loop carries and cond branches mixing them."""
+    return lax.pcast(tree, cfg.axes, to="varying")
+
+
+def _unless_hidden(cfg: _Config, q_pos: jax.Array, kv_pos: jax.Array,
+                   fn: Callable[[Tree], Tree], operand: Tree) -> Tree:
+    """fn(operand), skipped (operand unchanged) when causal and every key of the kv tile comes
+    after every query of the q tile by position, in every batch row."""
+    if not cfg.causal:
+        return fn(operand)
+    may_see = jnp.any(kv_pos.min(axis=1) <= q_pos.max(axis=1))
+    return lax.cond(may_see, fn, lambda x: x, operand)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _split_tiles(cfg: _Config, x: jax.Array | None) -> jax.Array | None:
+    """[b, L, ...] -> [L / tile, b, tile, ...] (the tile divides L: no padding)."""
+    return xla.split_blocks(x, cfg.tile)
+
+
+def _merge_tiles(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[n, b, tile, ...] -> `shape` [b, n·tile, ...] (trailing dims regrouped)."""
+    return jnp.moveaxis(x, 0, 1).reshape(shape)
+
+
+def _q_tiles(cfg: _Config, q: jax.Array, kv_heads: int, positions: jax.Array,
+             segment_ids: jax.Array | None) -> tuple:
+    return tuple(_split_tiles(cfg, x) for x in
+                 (xla.group_heads(q, kv_heads), positions, segment_ids))
+
+
+def _kv_tiles(cfg: _Config, k: jax.Array, v: jax.Array, kv_positions: jax.Array,
+              kv_segment_ids: jax.Array | None) -> tuple:
+    return tuple(_split_tiles(cfg, x) for x in (k, v, kv_positions, kv_segment_ids))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _scheme(scheme: str, causal: bool) -> str:
+    _check_scheme(scheme)
+    return scheme if causal else "none"  # without causality every device has equal work
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"ring scheme {scheme!r} is unknown; use one of "
+                         f"{', '.join(map(repr, SCHEMES))}")
+
+
+def _check_length(length: int, ring_size: int, scheme: str) -> None:
+    parts = 2 * ring_size if scheme == "zigzag" else ring_size
+    if length % parts:
+        raise ValueError(f"ring attention over {ring_size} devices with scheme {scheme!r} needs "
+                         f"a sequence length divisible by {parts}, got {length}")
+
+
+def _ring_size(mesh: Any) -> int:
+    if mesh is None:
+        raise ValueError("impl='ring' needs mesh=: a jax.sharding.Mesh with a 'sequence' axis, "
+                         "e.g. lx.make_mesh(sequence=N)")
+    if RING_AXIS not in mesh.axis_names:
+        raise ValueError(f"impl='ring' splits the sequence over the mesh axis 'sequence', but "
+                         f"the mesh has axes {tuple(mesh.axis_names)}")
+    return mesh.shape[RING_AXIS]
+
+
+def _mesh_axes(mesh: Any, batch: int, q_heads: int, kv_heads: int
+               ) -> tuple[tuple[str, ...], str | None]:
+    """(batch axes present in the mesh, the head axis or None), checking divisibility."""
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    batch_devices = math.prod(mesh.shape[a] for a in batch_axes)
+    if batch % batch_devices:
+        raise ValueError(f"batch {batch} is not divisible by the {batch_devices} devices of "
+                         f"mesh axes {batch_axes}")
+    if HEAD_AXIS not in mesh.axis_names:
+        return batch_axes, None
+    tensor = mesh.shape[HEAD_AXIS]
+    if q_heads % tensor or kv_heads % tensor:
+        raise ValueError(f"query heads {q_heads} and key/value heads {kv_heads} must both be "
+                         f"divisible by the mesh's 'tensor' axis ({tensor})")
+    return batch_axes, HEAD_AXIS

@@ -1,0 +1,232 @@
+"""Device meshes and the one table of sharding rules, for parameters and activations.
+
+    mesh = lx.make_mesh(data=2, fsdp=1, tensor=1, sequence=4)    # 8 devices
+    model = lx.from_hf(path, mesh=mesh)                          # params placed by RULES
+    model(ids)                                                    # runs sharded (GSPMD)
+
+The mesh has four named axes, always in this order (outermost first, so on a multi-host
+machine hosts split along "data" and the fast inner links carry "tensor" and "sequence"):
+
+    data      pure data parallelism: the batch is split, parameters are replicated
+    fsdp      the batch is split too, and parameters are split along their hidden dimension
+              (ZeRO-3 / FSDP: XLA all-gathers a layer's weights when it needs them)
+    tensor    Megatron tensor parallelism: attention heads and MLP columns are split
+    sequence  the tokens of each sequence are split (ring attention with attention="ring";
+              with "xla" / "flash" GSPMD gathers keys and values where attention needs them)
+
+Parameter layout (`RULES`; a leaf's "/"-joined path is matched at its end, so the same rules
+place optimizer states that mirror the parameter tree, e.g. "0/mu/layers/q/kernel"):
+
+    embed/embedding          [V, H]         P("tensor", "fsdp")
+    lm_head/kernel           [H, V]         P("fsdp", "tensor")
+    layers/{q,k,v}/kernel    [L, H, heads·D] P(None, "fsdp", "tensor")   column parallel
+    layers/{gate,up}/kernel  [L, H, F]      P(None, "fsdp", "tensor")   column parallel
+    layers/o/kernel          [L, heads·D, H] P(None, "tensor", "fsdp")   row parallel
+    layers/down/kernel       [L, F, H]      P(None, "tensor", "fsdp")   row parallel
+    layers/{q,k,v,gate,up}/bias [L, out]    P(None, "tensor")           split with its columns
+    layers/{o,down}/bias     [L, H]         replicated (added after the row-parallel sum)
+    *norm/scale              [L, H] / [H]   replicated
+    anything else            replicated (e.g. optimizer step counters)
+
+The stacked layer axis L (from nn.scan) is never split.
+
+Divisibility: an axis is dropped from a dimension's spec when the dimension is not divisible by
+that axis's size (times the axes already kept for it), and axes the mesh lacks are dropped, so
+every rule fits every model and mesh: e.g. a model with 2 key/value heads on tensor=4 keeps its
+k and v kernels whole on every tensor device (their q and o still split), and a vocabulary of
+32001 stays unsplit over "tensor". With `head_dim` given (Model and the loaders always give it),
+the heads dimensions of q/k/v (out) and o (in) count whole heads, so a head is never cut in two.
+Trailing unsplit dimensions are removed, so a fully replicated leaf has spec P().
+
+Activation layout: batch over ("data", "fsdp"), tokens over "sequence" (`activation_spec`):
+input_ids, positions and segment_ids [B, T] -> P(("data", "fsdp"), "sequence"); hidden states
+[B, T, H] -> P(("data", "fsdp"), "sequence", None); logits [B, T, V] -> P(("data", "fsdp"),
+"sequence", "tensor"). The same divisibility rule applies (a batch of 1 is simply unsplit).
+
+Where it is applied: `from_hf(..., mesh=)` and `load(dir, mesh=)` place each parameter straight
+into its rule sharding (each device receives only its shard); `Model.init(..., mesh=)` creates
+them so. `model(ids)` jits with these in_shardings and the activation out_sharding.
+`Model.apply` (the pure forward for training) constrains its params to the rules, so gradients
+come out split alike, and the Decoder constrains the hidden states, positions and segment ids
+to the activation layout (not with a KV cache). Everything else is GSPMD propagation. A
+training step should give its params and optimizer state `param_shardings(...)` as
+out_shardings (optimizer states match the rules by path suffix).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
+
+# (pattern, spec, heads dimension or None). A pattern matches the end of a leaf's path, at a
+# "/" boundary. The heads dimension is the one that holds heads · head_dim, for
+# `param_shardings(..., head_dim=)`. The first matching row wins; no match: replicated.
+RULES: tuple[tuple[str, P, int | None], ...] = (
+    (r"embed/embedding", P("tensor", "fsdp"), None),
+    (r"lm_head/kernel", P("fsdp", "tensor"), None),
+    (r"layers/(q|k|v)/kernel", P(None, "fsdp", "tensor"), 2),
+    (r"layers/(gate|up)/kernel", P(None, "fsdp", "tensor"), None),
+    (r"layers/o/kernel", P(None, "tensor", "fsdp"), 1),
+    (r"layers/down/kernel", P(None, "tensor", "fsdp"), None),
+    (r"layers/(q|k|v)/bias", P(None, "tensor"), 1),
+    (r"layers/(gate|up)/bias", P(None, "tensor"), None),
+    (r"layers/(o|down)/bias", P(), None),
+    (r"\w*norm/scale", P(), None),
+)
+_COMPILED = tuple((re.compile(r"(^|/)" + pattern + r"$"), spec, heads)
+                  for pattern, spec, heads in RULES)
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
+              devices: Sequence[Any] | None = None) -> Mesh:
+    """A Mesh with axes ("data", "fsdp", "tensor", "sequence"), in that order.
+
+    One size may be -1 (default: data), meaning all devices the others leave. devices: default
+    jax.devices() (every device of every process). On TPU / GPU the devices are laid out by
+    `mesh_utils.create_device_mesh` so inner axes get the fastest links.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "sequence": sequence}
+    for name, size in sizes.items():
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
+                size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name}={size!r}: sizes are positive ints, or -1 for "
+                             "'all remaining devices'")
+    rest = [name for name, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {rest}; give the others sizes")
+    given = math.prod(size for size in sizes.values() if size != -1)
+    described = " × ".join(f"{name}={size}" for name, size in sizes.items() if size != -1)
+    if rest:
+        if n % given:
+            raise ValueError(f"{described} = {given} does not divide the {n} devices, so "
+                             f"{rest[0]}=-1 has no size; choose sizes whose product divides "
+                             f"{n}, or pass devices= a subset of {given}·k devices")
+        sizes[rest[0]] = n // given
+    elif given != n:
+        raise ValueError(f"{described} = {given}, but there are {n} devices; make the product "
+                         f"equal {n}, set one axis to -1 to take the remaining devices, or pass "
+                         f"devices= a list of {given} devices")
+    shape = tuple(sizes[a] for a in AXES)
+    try:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # a subset of a TPU slice, or an unknown topology: plain order
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, AXES)
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh,
+             units: Mapping[int, int] | None = None) -> P:
+    """`spec` with the axes that do not fit `shape` on `mesh` dropped (see the module docstring).
+
+    units {dim: u}: dimension dim is split only at multiples of u (e.g. head_dim), i.e. its
+    divisibility is judged on shape[dim] // u.
+    """
+    spec = tuple(spec)
+    if len(spec) > len(shape):
+        raise ValueError(f"partition spec {P(*spec)} has {len(spec)} entries for an array of "
+                         f"shape {tuple(shape)}")
+    out: list[Any] = []
+    for dim, entry in enumerate(spec):
+        unit = (units or {}).get(dim, 1)
+        count = shape[dim] // unit if shape[dim] % unit == 0 else shape[dim]
+        kept: list[str] = []
+        split = 1
+        for axis in _axes(entry):
+            size = mesh.shape.get(axis)
+            if size is not None and axis not in kept and count % (split * size) == 0:
+                kept.append(axis)
+                split *= size
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def _path_string(path: Sequence[Any]) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh, head_dim: int | None = None) -> P:
+    """The fitted PartitionSpec of the parameter (or optimizer-state leaf) at `path`."""
+    for pattern, spec, heads in _COMPILED:
+        if pattern.search(path):
+            if len(tuple(spec)) > len(shape):  # e.g. an unstacked [in, out] kernel
+                spec = P(*tuple(spec)[len(tuple(spec)) - len(shape):])
+                heads = None if heads is None else heads - 1
+            units = {heads: head_dim} if heads is not None and head_dim else None
+            return fit_spec(spec, shape, mesh, units)
+    return P()
+
+
+def param_specs(params_or_shapes: Any, mesh: Mesh, head_dim: int | None = None) -> Any:
+    """The PartitionSpec tree of a parameter tree (arrays, numpy or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: param_spec(_path_string(path), np.shape(leaf), mesh, head_dim),
+        params_or_shapes)
+
+
+def param_shardings(params_or_shapes: Any, mesh: Mesh, head_dim: int | None = None) -> Any:
+    """The NamedSharding tree of a parameter tree (or of an optimizer state mirroring it)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                        param_specs(params_or_shapes, mesh, head_dim),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def activation_spec(*trailing: Any) -> P:
+    """P(("data", "fsdp"), "sequence", *trailing): [B, T, ...] activations (unfitted)."""
+    return P(BATCH_AXES, SEQUENCE_AXIS, *trailing)
+
+
+def activation_sharding(mesh: Mesh, shape: Sequence[int], *trailing: Any) -> NamedSharding:
+    """The fitted NamedSharding of a [B, T, ...] activation, e.g. input_ids [B, T]."""
+    return NamedSharding(mesh, fit_spec(activation_spec(*trailing), shape, mesh))
+
+
+def constrain(x: jax.Array | None, mesh: Mesh | None, *trailing: Any) -> jax.Array | None:
+    """with_sharding_constraint of a [B, T, ...] activation to its fitted activation spec;
+    no-op without a mesh (or for None)."""
+    if mesh is None or x is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, x.shape, *trailing))
+
+
+def shard_params(params: Any, mesh: Mesh, head_dim: int | None = None) -> Any:
+    """`params` placed by the rules (no copy for leaves already placed so)."""
+    return jax.device_put(params, param_shardings(params, mesh, head_dim))
+
+
+def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array placed so that each device receives only its own shard."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
