@@ -231,15 +231,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def params_from_hf(reader: SafetensorsReader, config: ModelConfig, dtype: Any = None,
-                   progress: bool = False) -> dict:
-    """The parameter tree of `lctx_jax.model.Decoder` from a transformers checkpoint (numpy)."""
-    params: dict = {}
-    for path, value in iter_params_from_hf(reader, config, dtype, progress):
-        _set(params, path, value)
-    return params
-
-
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
             rope_scaling: Mapping[str, Any] | None = None, attention: str = "xla",
             mesh: Any = None, param_dtype: Any = None, remat: str = "none",

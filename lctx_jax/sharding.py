@@ -222,11 +222,6 @@ def constrain(x: jax.Array | None, mesh: Mesh | None, *trailing: Any) -> jax.Arr
     return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, x.shape, *trailing))
 
 
-def shard_params(params: Any, mesh: Mesh, head_dim: int | None = None) -> Any:
-    """`params` placed by the rules (no copy for leaves already placed so)."""
-    return jax.device_put(params, param_shardings(params, mesh, head_dim))
-
-
 def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array placed so that each device receives only its own shard."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
