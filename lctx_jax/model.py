@@ -190,9 +190,11 @@ jax.tree_util.register_dataclass(
 
 
 def _cache_safe(attention: str, layer_cache: dict | None) -> str:
-    """Ring attention is self-attention over the sequence axis; a KV-cache call attends T new
-    queries to S cached keys, so it runs the xla path instead."""
-    return "xla" if attention == "ring" and layer_cache is not None else attention
+    """A KV-cache call attends T new queries to S cached keys, so it runs the xla path instead
+    of a self-attention-only one: "ring" (self-attention over the sequence axis) and "s2"
+    (S²-Attn is a training-time approximation; with a cache the model runs full attention, as
+    LongLoRA does at inference)."""
+    return "xla" if attention in ("ring", "s2") and layer_cache is not None else attention
 
 
 class Block(nn.Module):

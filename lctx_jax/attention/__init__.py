@@ -1,7 +1,8 @@
 """Attention: `attend` resolves positions, segments and RoPE, then dispatches to an implementation.
 
 Implementations (one module each): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with
-RoPE fused in, ./flash.py), "ring" (sequence parallel over a mesh, ./ring.py). Shared math:
+RoPE fused in, ./flash.py), "ring" (sequence parallel over a mesh, ./ring.py), "s2" (LongLoRA's
+shifted sparse attention for training, ./s2.py). Shared math:
 which keys a query sees (./masks.py) and the rotation of q and k (`rotate_qk`, below; "flash"
 rotates in-kernel with the same `rope.rotation`).
 """
@@ -15,21 +16,19 @@ import jax
 import jax.numpy as jnp
 
 from lctx_jax import rope as rope_lib
-from lctx_jax.attention import flash, masks, ring, xla
+from lctx_jax.attention import flash, masks, ring, s2, xla
 
 IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
-_NOT_YET = {
-    "s2": "LongLoRA's shifted sparse attention (S²-Attn)",
-}
 
-__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "ring", "xla"]
+__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "ring", "s2", "xla"]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,
            segment_ids: jax.Array | None = None, rope: rope_lib.RopeConfig | None = None,
            positions: jax.Array | None = None, mesh: Any = None, *,
            kv_positions: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-           scale: float | None = None, block_size: int | None = None) -> jax.Array:
+           scale: float | None = None, block_size: int | None = None,
+           group_size: int | None = None) -> jax.Array:
     """softmax(scale · q kᵀ, masked) · v: q [B, T, Hq, D], k, v [B, S, Hkv, D] -> [B, T, Hq, D].
 
     Hq % Hkv == 0 (grouped-query attention: query head h uses key/value head h // (Hq/Hkv)).
@@ -46,15 +45,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
     Pallas kernel that rotates q and k blocks in-kernel; `block_size` is its q and kv block,
     interpreted on CPU); "ring" (see ring.py: self-attention only, S == T, split over the
     mesh axis "sequence", causal load balancing by zigzag reordering; `block_size` is its
-    largest tile); "s2" is not implemented yet. mesh: for "ring"; unused by "xla" and "flash".
+    largest tile); "s2" (see s2.py: LongLoRA's S²-Attn, a training-time approximation:
+    self-attention only, S == T; queries see keys only within groups of `group_size` tokens
+    (by index; even, dividing T; default T/4), shifted by half a group for the second half of
+    the query heads; `block_size` as for "xla", within each group). group_size: "s2" only.
+    mesh: for "ring"; unused by "xla", "flash" and "s2".
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of "
                          f"{', '.join(map(repr, IMPLEMENTATIONS))}")
-    if impl in _NOT_YET:
-        raise NotImplementedError(f"attention impl {impl!r} ({_NOT_YET[impl]}) is not "
-                                  "implemented yet; use impl='xla'")
     _check_shapes(q, k, v)
+    if impl == "s2" and q.shape[1] != k.shape[1]:
+        raise ValueError(f"impl='s2' is self-attention for training: q has {q.shape[1]} tokens "
+                         f"but k, v have {k.shape[1]}; generation with a KV cache uses full "
+                         "attention (impl='xla')")
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     positions, kv_positions = _resolve_positions(positions, kv_positions, batch, q_len, kv_len)
     segment_ids, kv_segment_ids = _resolve_segment_ids(segment_ids, kv_segment_ids, batch,
@@ -74,6 +78,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
                            causal=causal, scale=scale, rope=rope, block_size=block_size)
     if rope is not None:
         q, k = rotate_qk(q, k, rope, positions, kv_positions)
+    if impl == "s2":
+        return s2.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
+                         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+                         group_size=group_size, block_size=block_size)
     return xla.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
                       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
                       block_size=block_size)
