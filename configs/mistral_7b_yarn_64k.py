@@ -1,0 +1,21 @@
+"""Mistral-7B (8K) to 64K with YaRN, s = 8 (as YaRN's released Yarn-Mistral-7b-64k).
+
+Mistral-7B-v0.1's config.json declares sliding_window 4096, which lctx_jax does not implement;
+set "sliding_window": null there first (context-extension fine-tunes use full attention, as
+YaRN's Mistral models do) — train.py stops with this advice otherwise. Hyperparameters are
+YaRN's Llama-2 recipe: 400 steps, lr 2e-5, 20 warmup steps, global batch 64.
+
+    python train.py --config configs/mistral_7b_yarn_64k.py --config.init_from=/ckpt/Mistral-7B-v0.1
+"""
+
+from lctx_jax.train_config import pod_config, stage
+
+
+def get_config():
+    c = pod_config("checkpoints/Mistral-7B-v0.1", "runs/mistral_7b_yarn_64k")
+    c.mesh.sequence = 4
+    c.stages = [stage("yarn64k", seq_len=65536, batch_size=64, steps=400, lr=2e-5,
+                      warmup_steps=20, attention="ring",
+                      rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                    "original_max_position_embeddings": 8192})]
+    return c

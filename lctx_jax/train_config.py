@@ -1,0 +1,287 @@
+"""The training configuration: defaults, stages, and validation with errors that name the field.
+
+Config files (configs/*.py) follow the Flax-examples convention: `get_config()` returns an
+`ml_collections.ConfigDict`, and `train.py --config configs/X.py --config.FIELD=VALUE` overrides
+any field. Start from `default_config()` and add one `stage(...)` per training stage:
+
+    config = default_config()
+    config.init_from = "/ckpt/Llama-2-7b-hf"           # HF dir or an lctx_jax checkpoint dir
+    config.stages = [stage("pi32k", seq_len=32768, batch_size=64, steps=1000, lr=2e-5,
+                           warmup_steps=20, rope_scaling={"rope_type": "linear", "factor": 8.0})]
+
+Fields (see `default_config` for defaults):
+  run_dir            where checkpoints, exported models, metrics and tensorboard logs go
+  seed               parameter init (from scratch), LoRA init, data order
+  init_from          HF checkpoint dir (config.json + *.safetensors), lctx_jax checkpoint dir
+                     (`lctx_jax.save`), or "" to train from scratch with `model`
+  model              from scratch only: an HF config.json dict (model_type "llama", ...)
+  tokenizer          sentencepiece model file; "" means <init_from>/tokenizer.model
+  tokenizer_vocab_size  > 0: if `tokenizer` does not exist, train one of this size on the
+                     training split and cache it there (the demo does)
+  data               dataset ("stdlib": the embedded corpus, or any TFDS text dataset name such
+                     as "pg19"), split, eval_split, data_dir, text_key
+  dtype, param_dtype compute dtype (bf16 on accelerators) and master-weight dtype (f32)
+  remat              "none" | "full" | "dots" activation checkpointing per layer
+  mesh               data / fsdp / tensor / sequence axis sizes (-1: the rest), num_devices
+                     (0: all); a 1-device mesh runs without one
+  optimizer          AdamW b1, b2, eps, weight_decay (kernels and embeddings only), grad_clip
+                     (global norm; 0 = off), min_lr_ratio (floor of linear / cosine decay)
+  lora               rank (0 = full fine-tuning), alpha, targets, trainable (LongLoRA's LoRA+)
+  stages             list of `stage(...)`: run in order, each starting from the previous
+                     stage's weights (LoRA merged), with its own length, RoPE scaling,
+                     attention, batch, steps and learning-rate schedule
+  checkpoint_every, keep_checkpoints, log_every, eval_batches, export_hf, peak_tflops,
+  distributed, progress, tensorboard
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import ml_collections
+
+from lctx_jax.attention import IMPLEMENTATIONS
+from lctx_jax.lora import LoraConfig
+from lctx_jax.model import REMAT_POLICIES, ModelConfig
+
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+STAGE_FIELDS = ("name", "seq_len", "batch_size", "steps", "lr", "warmup_steps", "schedule",
+                "rope_scaling", "attention", "grad_accum", "min_doc_tokens")
+
+
+class ConfigError(ValueError):
+    """A config field with a bad value; the message names the field and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/default"
+    c.seed = 0
+    c.init_from = ""
+    c.model = ml_collections.ConfigDict()
+    c.tokenizer = ""
+    c.tokenizer_vocab_size = 0
+    c.data = ml_collections.ConfigDict(dict(dataset="stdlib", split="train",
+                                            eval_split="validation", data_dir="",
+                                            text_key="text"))
+    c.dtype = "float32"
+    c.param_dtype = "float32"
+    c.remat = "none"
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1,
+                                            num_devices=0))
+    c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+                                                 grad_clip=1.0, min_lr_ratio=0.0))
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o"),
+                                            trainable=("embed", "norm")))
+    c.stages = []
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.log_every = 10
+    c.eval_batches = 4
+    c.export_hf = True
+    c.peak_tflops = 0.0
+    c.distributed = False
+    c.progress = True
+    c.tensorboard = True
+    return c
+
+
+def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
+          warmup_steps: Any = 0, schedule: str = "constant", rope_scaling: Any = None,
+          attention: str = "xla", grad_accum: Any = 1, min_doc_tokens: Any = 0
+          ) -> ml_collections.ConfigDict:
+    """One training stage. Values may be `config.get_ref(...)` references, so a top-level
+    field (e.g. `--config.pretrain_steps=50`) can drive a stage from the command line.
+
+    rope_scaling: None (the base model's RoPE), an HF rope_scaling dict, or the path of a JSON
+    file holding one (e.g. LongRoPE factors written by the search).
+    batch_size: sequences per optimizer step over all hosts; grad_accum splits it into that
+    many micro-batches. min_doc_tokens: train only on documents at least this long.
+    """
+    out = ml_collections.ConfigDict()
+    out.name = name
+    out.seq_len = seq_len
+    out.batch_size = batch_size
+    out.steps = steps
+    out.lr = lr
+    out.warmup_steps = warmup_steps
+    out.schedule = schedule
+    out.rope_scaling = rope_scaling
+    out.attention = attention
+    out.grad_accum = grad_accum
+    out.min_doc_tokens = min_doc_tokens
+    return out
+
+
+def plain(value: Any) -> Any:
+    """ConfigDicts, FieldReferences and tuples as plain JSON-able Python values."""
+    if isinstance(value, ml_collections.FieldReference):
+        value = value.get()
+    if isinstance(value, ml_collections.ConfigDict):
+        return {key: plain(value[key]) for key in value.keys()}
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def rope_scaling_dict(value: Any, field: str) -> dict[str, Any] | None:
+    """A stage's rope_scaling as a dict: None, a dict, or a JSON file path."""
+    value = plain(value)
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        path = pathlib.Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{field}: {value!r} is not a JSON file; give a rope_scaling dict "
+                              "or the path of a JSON file holding one")
+        return json.loads(path.read_text())
+    raise ConfigError(f"{field}: expected None, a dict or a JSON file path, got {value!r}")
+
+
+def base_hf_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config.json dict training starts from: init_from's, or `model` from scratch."""
+    if config.init_from:
+        path = pathlib.Path(config.init_from).expanduser() / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"config.init_from: {path} does not exist; init_from must be an HF "
+                              "checkpoint dir (config.json + *.safetensors) or an lctx_jax "
+                              "checkpoint dir, or \"\" to train from scratch with config.model")
+        hf = json.loads(path.read_text())
+        hf.pop("lctx_jax", None)
+        return hf
+    if not config.model:
+        raise ConfigError("config.model: training from scratch (config.init_from is empty) needs "
+                          "config.model, an HF config.json dict; or set config.init_from")
+    return plain(config.model)
+
+
+def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
+    """Raises ConfigError for the first bad field, before anything is loaded or compiled."""
+    # Extra scalar fields are a recipe's own knobs, referenced by its stages (get_ref).
+    unknown = {key for key in set(config.keys()) - set(default_config().keys())
+               if not isinstance(config[key], (bool, int, float, str))}
+    if unknown:
+        raise ConfigError(f"config has unknown fields {sorted(unknown)}; known: "
+                          f"{sorted(default_config().keys())} (plus scalar knobs)")
+    for field in ("dtype", "param_dtype"):
+        if config[field] not in DTYPES:
+            raise ConfigError(f"config.{field}={config[field]!r}; use one of {DTYPES}")
+    if config.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.remat={config.remat!r}; use one of {list(REMAT_POLICIES)}")
+    for field in ("checkpoint_every", "keep_checkpoints", "log_every"):
+        if config[field] < 1:
+            raise ConfigError(f"config.{field}={config[field]} must be >= 1")
+    if config.eval_batches < 0:
+        raise ConfigError(f"config.eval_batches={config.eval_batches} must be >= 0")
+    if config.lora.rank < 0:
+        raise ConfigError(f"config.lora.rank={config.lora.rank}: 0 (full fine-tuning) or a rank "
+                          ">= 1")
+    if config.lora.rank:
+        try:
+            lora_config(config)
+        except ValueError as err:
+            raise ConfigError(f"config.lora: {err}") from err
+    if config.optimizer.grad_clip < 0 or not 0 <= config.optimizer.min_lr_ratio <= 1:
+        raise ConfigError("config.optimizer: grad_clip must be >= 0 (0 = off) and min_lr_ratio "
+                          "in [0, 1]")
+    if not config.tokenizer and not config.init_from:
+        raise ConfigError("config.tokenizer: give a sentencepiece model path (with "
+                          "config.tokenizer_vocab_size > 0 one is trained there if missing)")
+    base = base_hf_config(config)
+    try:
+        model = ModelConfig.from_hf(base)
+    except (KeyError, ValueError) as err:
+        source = "config.init_from's config.json" if config.init_from else "config.model"
+        raise ConfigError(f"{source}: {err}") from err
+    stages = list(config.stages)
+    if not stages:
+        raise ConfigError("config.stages is empty; add at least one stage(...) "
+                          "(see lctx_jax.train_config)")
+    names = [plain(s.name) for s in stages]
+    for i, s in enumerate(stages):
+        _validate_stage(s, f"config.stages[{i}]", base, model, process_count)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.stages: names must be unique, got {names}")
+
+
+def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict, model: ModelConfig,
+                    process_count: int) -> None:
+    unknown = set(s.keys()) - set(STAGE_FIELDS)
+    if unknown:
+        raise ConfigError(f"{field} has unknown fields {sorted(unknown)}; known: {STAGE_FIELDS}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(s.name)):
+        raise ConfigError(f"{field}.name={s.name!r}: use letters, digits, '_', '-', '.' (it "
+                          "names a directory)")
+    for key in ("seq_len", "batch_size", "steps", "grad_accum"):
+        if not isinstance(s[key], int) or s[key] < 1:
+            raise ConfigError(f"{field}.{key}={s[key]!r} must be an int >= 1")
+    if not s.lr > 0:
+        raise ConfigError(f"{field}.lr={s.lr!r} must be > 0")
+    if not 0 <= s.warmup_steps <= s.steps:
+        raise ConfigError(f"{field}.warmup_steps={s.warmup_steps} must be in [0, steps={s.steps}]")
+    if s.schedule not in SCHEDULES:
+        raise ConfigError(f"{field}.schedule={s.schedule!r}; use one of {SCHEDULES}")
+    if s.attention not in IMPLEMENTATIONS:
+        raise ConfigError(f"{field}.attention={s.attention!r}; use one of {IMPLEMENTATIONS}")
+    if s.attention == "s2" and s.seq_len % 8:
+        raise ConfigError(f"{field}.seq_len={s.seq_len}: S²-Attn (attention='s2') splits a "
+                          "sequence into 4 groups of even size, so seq_len must be a multiple "
+                          "of 8")
+    if s.batch_size % (s.grad_accum * process_count):
+        raise ConfigError(f"{field}.batch_size={s.batch_size} must be divisible by grad_accum="
+                          f"{s.grad_accum} × {process_count} host(s)")
+    if s.min_doc_tokens < 0:
+        raise ConfigError(f"{field}.min_doc_tokens={s.min_doc_tokens} must be >= 0")
+    scaling = rope_scaling_dict(s.rope_scaling, f"{field}.rope_scaling")
+    try:
+        ModelConfig.from_hf(base, scaling)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{field}.rope_scaling: {err}") from err
+    if model.sliding_window is not None and s.seq_len > model.sliding_window:
+        raise ConfigError(f"{field}.seq_len={s.seq_len} exceeds the model's sliding_window="
+                          f"{model.sliding_window}, which lctx_jax does not implement; set "
+                          "sliding_window to null in config.json to train with full attention")
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The LoraConfig of `config.lora`, or None for full fine-tuning (rank 0)."""
+    if not config.lora.rank:
+        return None
+    return LoraConfig(rank=config.lora.rank, alpha=float(config.lora.alpha),
+                      targets=tuple(config.lora.targets), trainable=tuple(config.lora.trainable))
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> pathlib.Path:
+    path = config.tokenizer or os.path.join(config.init_from, "tokenizer.model")
+    return pathlib.Path(path).expanduser()
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields a resumed run must share with the run that wrote its checkpoints."""
+    keep = ("seed", "init_from", "model", "tokenizer", "data", "dtype", "param_dtype", "lora",
+            "optimizer", "stages")
+    return {key: plain(config[key]) for key in keep}
+
+
+def pod_config(init_from: str, run_dir: str) -> ml_collections.ConfigDict:
+    """What the 7B/8B recipes in configs/ share: PG19 from TFDS, bf16 compute on f32 master
+    weights, full remat, AdamW (0.9, 0.95) without weight decay (PI, YaRN and LongLoRA)."""
+    c = default_config()
+    c.init_from = init_from
+    c.run_dir = run_dir
+    c.data.dataset = "pg19"
+    c.data.text_key = "book_text"
+    c.dtype = "bfloat16"
+    c.remat = "full"
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.checkpoint_every = 50
+    c.eval_batches = 2
+    return c

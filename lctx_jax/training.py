@@ -1,0 +1,559 @@
+"""Training for context extension: the jitted step, the loop over progressive stages, and
+checkpoints that survive `kill -9`.
+
+    run(config)            # what `python train.py --config configs/X.py` does
+
+Per stage (`lctx_jax.train_config.stage`): the model starts from the previous stage's weights
+(the first from `init_from`, or a fresh init), takes the stage's RoPE scaling and attention,
+and trains on packed sequences of `seq_len` tokens (`lctx_jax.data.PackedBatches`). The step is
+one jit: next-token cross-entropy averaged over the global batch's scored tokens, gradient
+accumulation as a `lax.scan` over micro-batches, gradients only for the trainable weights
+(LoRA+ or everything), AdamW with warmup and constant / linear / cosine decay, global-norm
+clipping; the state is donated. The loop never waits on the device except every `log_every`
+steps, when it reads the losses accumulated since the last log.
+
+run_dir layout:
+    config.json           the resolved config (a resumed run must match it)
+    checkpoints/<step>/   Orbax CheckpointManager (every `checkpoint_every` steps and at each
+                          stage's end, the last `keep_checkpoints` kept): train state + the data
+                          iterator position + stage and step. Written to a temporary directory
+                          and renamed when complete, so a kill at any moment, mid-save too,
+                          leaves the previous checkpoint intact; a rerun of the same command
+                          resumes from it and reproduces the uninterrupted run exactly.
+    models/<stage>/       each finished stage's weights (LoRA merged) as an lctx_jax checkpoint
+                          (`lctx_jax.load`), the next stage's starting point
+    hf/<stage>/           the last stage exported for transformers (`export_hf`), with the
+                          tokenizer
+    metrics.jsonl         one line per step: loss, grad_norm, lr; per stage end: eval loss
+    tensorboard/          the same as tensorboard scalars
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lctx_jax import checkpoint, convert, data, lora as lora_lib, sharding
+from lctx_jax.model import Model, ModelConfig
+from lctx_jax.train_config import (ConfigError, base_hf_config, fingerprint, lora_config, plain,
+                                   rope_scaling_dict, tokenizer_path, validate)
+
+# Dense bf16 peak per chip, TFLOP/s (vendor figures), matched against jax's device_kind.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0,
+               "H200": 989.0, "A100": 312.0}
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def learning_rate(peak: float, steps: int, warmup_steps: int, schedule: str,
+                  min_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warmup from 0 to `peak` over warmup_steps, then constant, or linear / cosine
+    decay to min_ratio·peak at `steps`."""
+    decay_steps = max(steps - warmup_steps, 1)
+    if schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif schedule == "linear":
+        after = optax.linear_schedule(peak, peak * min_ratio, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=min_ratio)
+    if not warmup_steps:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after],
+                                [warmup_steps])
+
+
+def optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
+              ) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; weight decay on matrices (kernels, embeddings) only."""
+    decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2 and x.shape[-2] > 1, tree)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        weight_decay=opt.weight_decay, mask=decay_mask)
+    if not opt.grad_clip:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood over scored tokens, and their count.
+    logits f32 [B, T, V], targets int [B, T], loss_mask f32 [B, T]."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(nll * loss_mask), jnp.sum(loss_mask)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6·N for the matmul weights outside the
+    embedding table, plus 12·layers·heads·head_dim·T for attention (no causal discount)."""
+    c = config
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    weights = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+    return 6.0 * weights + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+def peak_flops(override_tflops: float) -> float | None:
+    """Peak FLOP/s of all devices (bf16 dense), or None when the device kind is unknown."""
+    if override_tflops:
+        return override_tflops * 1e12 * jax.device_count()
+    kind = jax.devices()[0].device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12 * jax.device_count()
+    return None
+
+
+# ----------------------------------------------------------------------------- step
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """The compiled functions of one stage. state = {"step", "trainable", "lora", "opt_state"};
+    frozen: the weights not trained (not donated, never updated)."""
+
+    train: Callable[[Any, Any, Any], tuple[Any, dict]]
+    eval: Callable[[Any, Any, Any], tuple[jax.Array, jax.Array]]
+    init_state: Callable[[Any, Any], Any]
+
+
+def make_step(model: Model, eval_model: Model, tx: optax.GradientTransformation,
+              lora: lora_lib.LoraConfig | None, schedule: optax.Schedule,
+              state_shardings: Any = None) -> Step:
+    """batch: dict of [A, B/A, T] arrays (A micro-batches): input_ids, targets, positions,
+    segment_ids, loss_mask. The loss is the mean over every scored token of all A micro-batches
+    (sums accumulated, divided once), so A only trades memory for time."""
+
+    def params_of(trainable: Any, lora_params: Any, frozen: Any) -> Any:
+        params = lora_lib.combine(trainable, frozen)
+        return params if lora is None else lora_lib.merge(params, lora_params, lora)
+
+    def micro_nll(weights: tuple, frozen: Any, micro: dict) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply(params_of(*weights, frozen), micro["input_ids"], micro["positions"],
+                             micro["segment_ids"])
+        return token_nll(logits, micro["targets"], micro["loss_mask"])
+
+    grad_fn = jax.value_and_grad(micro_nll, has_aux=True)
+
+    def train(state: dict, frozen: Any, batch: dict) -> tuple[dict, dict]:
+        weights = (state["trainable"], state["lora"])
+
+        def accumulate(carry: tuple, micro: dict) -> tuple[tuple, None]:
+            grads, nll, count = carry
+            (micro_sum, micro_count), micro_grads = grad_fn(weights, frozen, micro)
+            return (jax.tree.map(jnp.add, grads, micro_grads), nll + micro_sum,
+                    count + micro_count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, weights)
+        (grads, nll, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], weights)
+        trainable, lora_params = optax.apply_updates(weights, updates)
+        metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"])}
+        new = {"step": state["step"] + 1, "trainable": trainable, "lora": lora_params,
+               "opt_state": opt_state}
+        return new, metrics
+
+    def evaluate(state: dict, frozen: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+        params = params_of(state["trainable"], state["lora"], frozen)
+        logits = eval_model.apply(params, batch["input_ids"], batch["positions"],
+                                  batch["segment_ids"])
+        return token_nll(logits, batch["targets"], batch["loss_mask"])
+
+    def init_state(trainable: Any, lora_params: Any) -> dict:
+        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "lora": lora_params,
+                "opt_state": tx.init((trainable, lora_params))}
+
+    out = (state_shardings, None) if state_shardings is not None else None
+    return Step(train=jax.jit(train, donate_argnums=(0,), out_shardings=out),
+                eval=jax.jit(evaluate),
+                init_state=jax.jit(init_state, donate_argnums=(0, 1),
+                                   out_shardings=state_shardings))
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    seconds: float
+    model_dir: str
+
+
+def run(config: ml_collections.ConfigDict) -> list[StageResult]:
+    """Trains every stage of `config` (resuming from run_dir if it holds checkpoints)."""
+    if config.distributed:
+        jax.distributed.initialize()
+    validate(config, jax.process_count())
+    run_dir = pathlib.Path(config.run_dir).expanduser().absolute()
+    _claim_run_dir(run_dir, config)
+    tokenizer = _tokenizer(config)
+    base_hf = base_hf_config(config)
+    if tokenizer.vocab_size > base_hf["vocab_size"]:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocab_size is {base_hf['vocab_size']}; use a matching tokenizer")
+    logger = _Logger(run_dir, config)
+    manager = ocp.CheckpointManager(
+        run_dir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                             cleanup_tmp_directories=True),
+        item_names=("state", "meta"))
+    results = []
+    try:
+        offset = 0
+        previous = None
+        for index, stage in enumerate(config.stages):
+            model_dir = run_dir / "models" / stage.name
+            if model_dir.exists():
+                _say(f"stage {stage.name}: done earlier, weights at {model_dir}")
+            else:
+                results.append(_train_stage(config, index, offset, previous, base_hf, tokenizer,
+                                            manager, logger, run_dir))
+            previous = model_dir
+            offset += stage.steps
+        manager.wait_until_finished()
+        if config.export_hf and jax.process_index() == 0:
+            _export_hf(config, previous, run_dir / "hf" / config.stages[-1].name)
+    finally:
+        manager.close()
+        logger.close()
+    _summary(results, run_dir, config)
+    return results
+
+
+def _claim_run_dir(run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Writes run_dir/config.json, or checks that a resumed run's config matches it."""
+    saved = run_dir / "config.json"
+    current = fingerprint(config)
+    if saved.exists():
+        before = json.loads(saved.read_text())["fingerprint"]
+        changed = sorted(key for key in current if before.get(key) != json.loads(
+            json.dumps(current[key])))
+        if changed:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config (fields {changed} differ); "
+                "resume with the same config, or choose a new config.run_dir")
+        return
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"fingerprint": current, "config": plain(config)}, indent=2))
+        tmp.replace(saved)
+
+
+def _tokenizer(config: ml_collections.ConfigDict) -> data.Tokenizer:
+    path = tokenizer_path(config)
+    if path.exists() or not config.tokenizer_vocab_size:
+        return data.load_tokenizer(path)
+    _say(f"training a {config.tokenizer_vocab_size}-token sentencepiece tokenizer on "
+          f"{config.data.dataset}/{config.data.split} -> {path}")
+    return data.cached_tokenizer(path, lambda: _documents(config, config.data.split),
+                                 config.tokenizer_vocab_size)
+
+
+def _documents(config: ml_collections.ConfigDict, split: str) -> Any:
+    return data.text_source(config.data.dataset, split, config.data.data_dir or None,
+                            config.data.text_key)
+
+
+def _mesh(config: ml_collections.ConfigDict) -> Any:
+    """The configured mesh, or None when it would hold a single device."""
+    m = config.mesh
+    devices = jax.devices()[:m.num_devices] if m.num_devices else jax.devices()
+    if len(devices) == 1:
+        return None
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
+
+
+def _start_model(config: ml_collections.ConfigDict, previous: pathlib.Path | None,
+                 model_config: ModelConfig, mesh: Any) -> Model:
+    """The stage's starting weights as a Model with the stage's config (RoPE scaling)."""
+    param_dtype = jnp.dtype(config.param_dtype)
+    if previous is not None:
+        model = checkpoint.load(previous, mesh=mesh)
+    elif not config.init_from:
+        return Model.init(model_config, jax.random.key(config.seed), param_dtype=param_dtype,
+                          mesh=mesh)
+    elif (pathlib.Path(config.init_from).expanduser() / "params").is_dir():
+        model = checkpoint.load(pathlib.Path(config.init_from).expanduser(), mesh=mesh)
+    else:
+        model = convert.from_hf(pathlib.Path(config.init_from).expanduser(), mesh=mesh,
+                                param_dtype=param_dtype, progress=True)
+    params = jax.tree.map(lambda x: x.astype(param_dtype), model.params)
+    return Model(model_config, params, mesh=mesh)
+
+
+def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
+                 previous: pathlib.Path | None, base_hf: dict, tokenizer: data.Tokenizer,
+                 manager: ocp.CheckpointManager, logger: "_Logger", run_dir: pathlib.Path
+                 ) -> StageResult:
+    stage = config.stages[index]
+    started = time.perf_counter()
+    mesh = _mesh(config)
+    scaling = rope_scaling_dict(stage.rope_scaling, f"config.stages[{index}].rope_scaling")
+    model_config = ModelConfig.from_hf(base_hf, scaling)
+    start = _start_model(config, previous, model_config, mesh)
+    dtype = jnp.dtype(config.dtype)
+    # Shapes only: the weights live in the train state, not in the Model.
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), start.params)
+    model = Model(model_config, shapes, dtype=dtype, attention=stage.attention,
+                  remat=config.remat, mesh=mesh)
+    eval_model = dataclasses.replace(model, attention="xla" if stage.attention == "s2"
+                                     else stage.attention, remat="none")
+    lora = lora_config(config)
+    mask = lora_lib.trainable_mask(start.params, lora)
+    trainable, frozen = lora_lib.split(start.params, mask)
+    del start
+    lora_params = ({} if lora is None else
+                   lora_lib.init(lora_lib.combine(trainable, frozen), lora,
+                                 jax.random.key(config.seed + 1000 + index)))
+    schedule = learning_rate(stage.lr, stage.steps, stage.warmup_steps, stage.schedule,
+                             config.optimizer.min_lr_ratio)
+    tx = optimizer(config.optimizer, schedule)
+    state_shardings = None
+    if mesh is not None:
+        abstract = jax.eval_shape(lambda t, l: {"step": jnp.zeros((), jnp.int32),
+                                                "trainable": t, "lora": l,
+                                                "opt_state": tx.init((t, l))},
+                                  trainable, lora_params)
+        state_shardings = sharding.param_shardings(abstract, mesh, model_config.head_dim)
+    step_fns = make_step(model, eval_model, tx, lora, schedule, state_shardings)
+    state = step_fns.init_state(trainable, lora_params)
+    del trainable, lora_params
+
+    batches = _batches(config, stage, tokenizer, config.data.split, config.seed + index)
+    done = 0
+    latest = manager.latest_step()
+    if latest is not None and latest > offset:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding), state)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        meta = restored["meta"]
+        if meta["stage"] != stage.name:
+            raise ConfigError(f"the latest checkpoint (step {latest}) belongs to stage "
+                              f"{meta['stage']!r}, not {stage.name!r}; the stages changed")
+        state, done = restored["state"], meta["step"]
+        batches.set_state(meta["data"])
+        _say(f"stage {stage.name}: resumed at step {done}/{stage.steps} from checkpoint "
+              f"{latest}")
+
+    logger.truncate(offset + done)
+    tokens_per_step = stage.batch_size * stage.seq_len
+    peak = peak_flops(config.peak_tflops)
+    flops = flops_per_token(model_config, stage.seq_len)
+    progress = logger.progress(stage.name, stage.steps, done)
+    pending: list[tuple[int, dict]] = []
+    window_start, window_steps, last_loss, rate, mfu = time.perf_counter(), 0, None, None, None
+    batch_sharding = _batch_sharding(mesh, stage)
+    for step in range(done, stage.steps):
+        batch = _to_device(next(batches), stage.grad_accum, batch_sharding)
+        state, metrics = step_fns.train(state, frozen, batch)
+        pending.append((offset + step + 1, metrics))
+        window_steps += 1
+        progress.update(1)
+        last = step + 1 == stage.steps
+        if (step + 1) % config.log_every == 0 or last:
+            fetched = jax.device_get([m for _, m in pending])
+            elapsed = time.perf_counter() - window_start
+            rate = window_steps * tokens_per_step / elapsed
+            mfu = rate * flops / peak if peak else None
+            last_loss = float(sum(m["loss"] for m in fetched) / len(fetched))
+            logger.steps([(s, m) for (s, _), m in zip(pending, fetched)], rate, mfu)
+            progress.set_postfix(_postfix(last_loss, rate, mfu))
+            pending, window_start, window_steps = [], time.perf_counter(), 0
+        if (step + 1) % config.checkpoint_every == 0 or last:
+            meta = {"stage": stage.name, "step": step + 1, "data": batches.get_state()}
+            manager.save(offset + step + 1, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    progress.close()
+
+    eval_loss = _evaluate(config, stage, tokenizer, step_fns, state, frozen, mesh)
+    if eval_loss is not None:
+        logger.scalars(offset + stage.steps, {"eval/loss": eval_loss,
+                                              "eval/perplexity": math.exp(eval_loss)},
+                       {"stage": stage.name, "eval_loss": eval_loss})
+    params = lora_lib.combine(state["trainable"], frozen)
+    if lora is not None:
+        params = jax.jit(lora_lib.merge, static_argnums=2)(params, state["lora"], lora)
+    model_dir = run_dir / "models" / stage.name
+    manager.wait_until_finished()
+    if jax.process_index() == 0:
+        for stale in model_dir.parent.glob(model_dir.name + ".tmp-*"):
+            shutil.rmtree(stale)  # left by a save that was killed
+    checkpoint.save(Model(model_config, params), model_dir)
+    return StageResult(stage.name, stage.steps, last_loss, eval_loss, rate, mfu,
+                       time.perf_counter() - started, str(model_dir))
+
+
+def _batches(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
+             tokenizer: data.Tokenizer, split: str, seed: int) -> data.PackedBatches:
+    return data.PackedBatches(_documents(config, split), tokenizer, stage.seq_len,
+                              stage.batch_size // jax.process_count(), seed,
+                              shard_index=jax.process_index(),
+                              shard_count=jax.process_count(),
+                              min_tokens=stage.min_doc_tokens)
+
+
+def _batch_sharding(mesh: Any, stage: ml_collections.ConfigDict) -> Any:
+    """Micro-batched [A, B/A, T] arrays: micro-batches unsplit, rows and tokens as activations."""
+    if mesh is None:
+        return None
+    rows = stage.batch_size // stage.grad_accum
+    spec = sharding.fit_spec(sharding.activation_spec(), (rows, stage.seq_len), mesh)
+    return NamedSharding(mesh, P(None, *spec))
+
+
+def _to_device(host: dict, accum: int, batch_sharding: Any) -> dict:
+    """Host rows [B_local, T] -> global [A, B/A, T] arrays (per-host data on multi-host)."""
+    out = {}
+    for key, value in host.items():
+        local = value.reshape(accum, value.shape[0] // accum, *value.shape[1:])
+        if batch_sharding is None:
+            out[key] = jax.device_put(local)
+        else:
+            out[key] = jax.make_array_from_process_local_data(batch_sharding, local)
+    return out
+
+
+def _evaluate(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
+              tokenizer: data.Tokenizer, step_fns: Step, state: dict, frozen: Any,
+              mesh: Any) -> float | None:
+    """Mean validation loss over `eval_batches` batches at the stage's length (full attention)."""
+    if not config.eval_batches:
+        return None
+    eval_stage = ml_collections.ConfigDict(plain(stage))
+    eval_stage.grad_accum = 1
+    eval_stage.min_doc_tokens = 0
+    batches = _batches(config, eval_stage, tokenizer, config.data.eval_split, 0)
+    batch_sharding = _batch_sharding(mesh, eval_stage)
+    nll = count = 0.0
+    for _ in range(config.eval_batches):
+        batch = jax.tree.map(lambda x: x[0], _to_device(next(batches), 1, batch_sharding))
+        batch_nll, batch_count = step_fns.eval(state, frozen, batch)
+        nll, count = nll + batch_nll, count + batch_count
+    return float(nll / count)
+
+
+def _export_hf(config: ml_collections.ConfigDict, model_dir: pathlib.Path,
+               out_dir: pathlib.Path) -> None:
+    if out_dir.exists():
+        return
+    model = checkpoint.load(model_dir)
+    convert.to_hf(model, out_dir)
+    tokenizer = tokenizer_path(config)
+    if tokenizer.exists():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+
+
+def _postfix(loss: float, rate: float, mfu: float | None) -> dict[str, str]:
+    out = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}"}
+    if mfu is not None:
+        out["MFU"] = f"{100 * mfu:.1f}%"
+    return out
+
+
+def _summary(results: list[StageResult], run_dir: pathlib.Path,
+             config: ml_collections.ConfigDict) -> None:
+    if jax.process_index():
+        return
+    for r in results:
+        parts = [f"stage {r.name}: {r.steps} steps in {r.seconds:.0f} s"]
+        if r.final_loss is not None:
+            parts.append(f"train loss {r.final_loss:.4f} (mean of the last log window)")
+        if r.eval_loss is not None:
+            parts.append(f"eval loss {r.eval_loss:.4f} (ppl {math.exp(r.eval_loss):.2f})")
+        if r.tokens_per_s:
+            parts.append(f"{r.tokens_per_s:,.0f} tokens/s")
+        if r.mfu is not None:
+            parts.append(f"MFU {100 * r.mfu:.1f}%")
+        _say(", ".join(parts))
+    final = run_dir / "models" / config.stages[-1].name
+    hf = run_dir / "hf" / config.stages[-1].name
+    where = f"done: weights at {final}"
+    if config.export_hf:
+        where += f", transformers export at {hf}"
+    _say(where)
+
+
+def _say(message: str) -> None:
+    """A line on stdout from process 0, flushed at once (a killed run keeps what it said)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+class _Logger:
+    """metrics.jsonl, tensorboard scalars and the progress bar (process 0 only)."""
+
+    def __init__(self, run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+        self.active = jax.process_index() == 0
+        self.show_progress = config.progress and self.active
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if self.active and config.tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Drops lines logged after `step` (by a run killed before its next checkpoint)."""
+        if not self.active or not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines()
+                 if json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(self.path)
+
+    def steps(self, rows: list[tuple[int, dict]], rate: float, mfu: float | None) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            for step, m in rows:
+                f.write(json.dumps({"step": step, "loss": float(m["loss"]),
+                                    "grad_norm": float(m["grad_norm"]),
+                                    "lr": float(m["lr"])}) + "\n")
+        if self.writer is not None:
+            step, m = rows[-1]
+            for key in ("loss", "grad_norm", "lr"):
+                self.writer.add_scalar(f"train/{key}", float(m[key]), step)
+            self.writer.add_scalar("train/tokens_per_s", rate, step)
+            if mfu is not None:
+                self.writer.add_scalar("train/mfu", mfu, step)
+
+    def scalars(self, step: int, values: dict[str, float], line: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **line}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def progress(self, name: str, total: int, initial: int) -> Any:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=initial, desc=f"stage {name}", unit="step",
+                    disable=not self.show_progress, dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,327 @@
+"""train.py / lctx_jax.training: loss goes down, stages carry weights, LoRA+ trains only what it
+should, gradient accumulation is exact, bad configs fail early, and a run killed with SIGKILL
+resumes to the same loss trajectory bit for bit."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lctx_jax as lx
+from lctx_jax import data, lora as lora_lib, training
+from lctx_jax.train_config import ConfigError, default_config, stage, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32, rope_theta=10000.0, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """A TFDS build of the embedded corpus and a 512-token tokenizer, shared by the tests."""
+    root = tmp_path_factory.mktemp("train")
+    data_dir = str(root / "tfds")
+    docs = data.text_source("stdlib", "train", data_dir)
+    tokenizer = root / "tok512.model"
+    data.train_tokenizer((docs[i] for i in range(60)), 512, tokenizer)
+    return {"root": root, "data_dir": data_dir, "tokenizer": str(tokenizer)}
+
+
+def tiny_config(workspace: dict, run_dir: pathlib.Path, **overrides):
+    c = default_config()
+    c.run_dir = str(run_dir)
+    c.tokenizer = workspace["tokenizer"]
+    c.data.data_dir = workspace["data_dir"]
+    c.model = dict(TINY_MODEL)
+    c.mesh.num_devices = 1
+    c.progress = False
+    c.tensorboard = False
+    c.log_every = 2
+    c.checkpoint_every = 4
+    c.eval_batches = 1
+    c.export_hf = False
+    c.stages = [stage("base", seq_len=32, batch_size=4, steps=12, lr=3e-3, warmup_steps=2)]
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def read_metrics(run_dir: pathlib.Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _bad(c, **stage_fields):
+    c.stages[0].update(stage_fields)
+    return c
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: _bad(c, rope_scaling={"rope_type": "nope", "factor": 2.0}), "rope_scaling"),
+    (lambda c: _bad(c, rope_scaling={"rope_type": "linear", "factor": 0.5}), "factor"),
+    (lambda c: _bad(c, rope_scaling={"rope_type": "longrope", "factor": 2.0,
+                                     "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}),
+     "short_factor"),
+    (lambda c: _bad(c, attention="s2", seq_len=36), "seq_len"),
+    (lambda c: _bad(c, attention="magic"), "attention"),
+    (lambda c: _bad(c, grad_accum=3), "batch_size"),
+    (lambda c: _bad(c, warmup_steps=50), "warmup_steps"),
+    (lambda c: _bad(c, schedule="exp"), "schedule"),
+    (lambda c: _bad(c, rope_scaling="missing.json"), "rope_scaling"),
+    (lambda c: setattr(c, "stages", []), "stages"),
+    (lambda c: setattr(c, "dtype", "float8"), "dtype"),
+    (lambda c: setattr(c, "init_from", "/nonexistent/ckpt"), "init_from"),
+    (lambda c: c.lora.update(rank=4, targets=("q", "wrong")), "lora"),
+    (lambda c: setattr(c, "optimzer", {"lr": 1.0}), "unknown fields"),
+])
+def test_bad_configs_fail_early_naming_the_field(workspace, tmp_path, change, field):
+    c = tiny_config(workspace, tmp_path / "run")
+    change(c)
+    with pytest.raises(ConfigError, match=field):
+        validate(c)
+
+
+def test_missing_tokenizer_fails_before_training(workspace, tmp_path):
+    c = tiny_config(workspace, tmp_path / "run", tokenizer=str(tmp_path / "none.model"))
+    with pytest.raises(FileNotFoundError, match="none.model"):
+        training.run(c)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_train_py_reports_config_errors_without_traceback(workspace, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/llama2_7b_pi_32k.py",
+         "--config.init_from=/nonexistent"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2
+    assert "config.init_from" in out.stderr and "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------- step math
+
+
+def test_schedules():
+    for schedule, end in (("constant", 1.0), ("linear", 0.1), ("cosine", 0.1)):
+        lr = training.learning_rate(1.0, 110, 10, schedule, min_ratio=0.1)
+        assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+        assert float(lr(10)) == pytest.approx(1.0)
+        assert float(lr(110)) == pytest.approx(end)
+
+
+def _toy_step(accum: int, lora: lora_lib.LoraConfig | None):
+    config = lx.ModelConfig.from_hf(TINY_MODEL)
+    model = lx.Model.init(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 512, (4, 17)).astype(np.int32)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+             "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+             "segment_ids": np.ones((4, 16), np.int32),
+             "loss_mask": (rng.random((4, 16)) > 0.2).astype(np.float32)}
+    batch = {k: jnp.asarray(v.reshape(accum, 4 // accum, 16)) for k, v in batch.items()}
+    schedule = training.learning_rate(1e-2, 10, 0, "constant")
+    # SGD for accumulation: Adam's first step is ~lr·sign(g), which magnifies rounding in tiny
+    # gradients; the configured AdamW chain for the LoRA test.
+    tx = (optax.sgd(schedule) if lora is None
+          else training.optimizer(default_config().optimizer, schedule))
+    trainable, frozen = lora_lib.split(model.params, lora_lib.trainable_mask(model.params, lora))
+    lora_params = {} if lora is None else lora_lib.init(model.params, lora, jax.random.key(1))
+    fns = training.make_step(model, model, tx, lora, schedule)
+    state = fns.init_state(trainable, lora_params)
+    return fns.train(state, frozen, batch), frozen, model.params
+
+
+def test_gradient_accumulation_matches_one_batch():
+    (one, m1), _, _ = _toy_step(1, None)
+    (two, m2), _, _ = _toy_step(2, None)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 one["trainable"], two["trainable"])
+
+
+def test_lora_step_keeps_optimizer_state_for_trainable_only():
+    lora = lora_lib.LoraConfig(rank=2)
+    (state, _), frozen, start = _toy_step(1, lora)
+    assert set(jax.tree_util.tree_leaves(jax.tree.map(lambda x: x.shape, frozen)))
+    trainable_leaves = len(jax.tree.leaves((state["trainable"], state["lora"])))
+    mu = state["opt_state"][1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
+    assert len(jax.tree.leaves(mu)) == trainable_leaves
+    assert "lm_head" in frozen and "gate" in frozen["layers"]
+    assert set(state["trainable"]) == {"embed", "layers", "norm"}
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_two_stage_run_learns_and_carries_weights(workspace, tmp_path):
+    run_dir = tmp_path / "run"
+    c = tiny_config(workspace, run_dir)
+    c.stages = [stage("short", seq_len=32, batch_size=4, steps=16, lr=3e-3, warmup_steps=2),
+                stage("long", seq_len=64, batch_size=2, steps=4, lr=1e-3,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})]
+    c.export_hf = True
+    results = training.run(c)
+    metrics = read_metrics(run_dir)
+    assert sorted(metrics) == list(range(1, 21))
+    first = np.mean([metrics[s]["loss"] for s in (1, 2)])
+    last = np.mean([metrics[s]["loss"] for s in (15, 16)])
+    assert last < first - 0.5, (first, last)
+    assert [r.name for r in results] == ["short", "long"]
+    short = lx.load(run_dir / "models" / "short")
+    long = lx.load(run_dir / "models" / "long")
+    assert short.config.rope.rope_type == "default"
+    assert long.config.rope.rope_type == "linear" and long.config.rope.factor == 2.0
+    hf = json.loads((run_dir / "hf" / "long" / "config.json").read_text())
+    assert hf["rope_parameters"]["rope_type"] == "linear"
+    assert (run_dir / "hf" / "long" / "tokenizer.model").exists()
+    # A rerun finds every stage done and trains nothing.
+    assert training.run(c) == []
+
+
+def test_lora_run_changes_only_lora_targets_embeddings_and_norms(workspace, tmp_path):
+    start = lx.Model.init(lx.ModelConfig.from_hf(TINY_MODEL), jax.random.key(3))
+    lx.save(start, tmp_path / "start")
+    c = tiny_config(workspace, tmp_path / "run", init_from=str(tmp_path / "start"))
+    c.lora.rank = 4
+    c.stages = [stage("lora", seq_len=32, batch_size=4, steps=4, lr=1e-2, attention="s2")]
+    training.run(c)
+    end = lx.load(tmp_path / "run" / "models" / "lora")
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), start.params, end.params)
+    assert changed["layers"]["q"]["kernel"] and changed["layers"]["o"]["kernel"]
+    assert changed["embed"]["embedding"] and changed["norm"]["scale"]
+    assert changed["layers"]["attn_norm"]["scale"]
+    assert not changed["layers"]["gate"]["kernel"] and not changed["layers"]["down"]["kernel"]
+    assert not changed["lm_head"]["kernel"]
+
+
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_training import TINY_MODEL
+from lctx_jax.train_config import default_config, stage
+
+def get_config():
+    c = default_config()
+    c.run_dir = "unset"
+    c.tokenizer = {tokenizer!r}
+    c.data.data_dir = {data_dir!r}
+    c.model = dict(TINY_MODEL)
+    c.progress = False
+    c.log_every = 1
+    c.checkpoint_every = 3
+    c.keep_checkpoints = 2
+    c.eval_batches = 0
+    c.export_hf = False
+    c.stages = [stage("a", seq_len=32, batch_size=4, steps=9, lr=3e-3, warmup_steps=2,
+                      schedule="cosine"),
+                stage("b", seq_len=64, batch_size=2, steps=6, lr=1e-3, grad_accum=2,
+                      rope_scaling={{"rope_type": "yarn", "factor": 2.0}})]
+    return c
+"""
+
+
+def _train_cmd(config_file: pathlib.Path, run_dir: pathlib.Path) -> list[str]:
+    return [sys.executable, "train.py", "--config", str(config_file),
+            f"--config.run_dir={run_dir}"]
+
+
+def test_kill_9_and_rerun_reproduces_the_loss_trajectory_bit_for_bit(workspace, tmp_path):
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(CONFIG_FILE.format(tests=str(ROOT / "tests"), **{
+        k: workspace[k] for k in ("tokenizer", "data_dir")}))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(config_file, straight), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    expected = read_metrics(straight)
+    assert sorted(expected) == list(range(1, 16))
+
+    killed = tmp_path / "killed"
+    logs = []
+    for checkpoint in (6, 12):  # killed in stage "a", then in stage "b"
+        logs.append(tmp_path / f"killed-{checkpoint}.log")
+        proc = subprocess.Popen(_train_cmd(config_file, killed), cwd=ROOT, env=env,
+                                stdout=logs[-1].open("w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "checkpoints" / str(checkpoint)).is_dir():  # renamed when complete
+                break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert "resumed at step 6/9" in logs[1].read_text()
+    # What a save killed half-way leaves behind: an unfinished temporary step directory.
+    (killed / "checkpoints" / "12.orbax-checkpoint-tmp-0").mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(_train_cmd(config_file, killed), cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True)
+    assert "resumed at step 3/6" in out.stdout
+    got = read_metrics(killed)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step]["loss"] == expected[step]["loss"], step
+        assert got[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+
+# ----------------------------------------------------------------------------- recipes
+
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5)
+CHECKPOINTS = {
+    "Llama-2-7b-hf": LLAMA2_7B,
+    "Meta-Llama-3-8B": {**LLAMA2_7B, "vocab_size": 128256, "intermediate_size": 14336,
+                        "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                        "rope_theta": 500000.0},
+    "Mistral-7B-v0.1": {**LLAMA2_7B, "model_type": "mistral", "intermediate_size": 14336,
+                        "num_key_value_heads": 8, "max_position_embeddings": 32768,
+                        "sliding_window": 4096},
+}
+
+
+def _recipe(name: str, tmp_path: pathlib.Path, sliding_window: bool = False):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    if c.init_from:  # stand-ins for the checkpoints: config.json is all validation reads
+        hf = dict(CHECKPOINTS[pathlib.Path(c.init_from).name])
+        if "sliding_window" in hf and not sliding_window:
+            hf["sliding_window"] = None
+        (tmp_path / "ckpt").mkdir(exist_ok=True)
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+        c.init_from = str(tmp_path / "ckpt")
+    for key in ("factors_128k", "factors_256k"):  # LongRoPE's searched factors, as JSON
+        if key in c:
+            path = tmp_path / f"{key}.json"
+            path.write_text(json.dumps({"rope_type": "longrope", "factor": 32.0,
+                                        "original_max_position_embeddings": 4096,
+                                        "short_factor": [1.0] * 64,
+                                        "long_factor": list(np.linspace(1, 40, 64))}))
+            c[key] = str(path)
+    return c
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
+def test_every_shipped_config_validates(name, tmp_path):
+    validate(_recipe(name, tmp_path))
+
+
+def test_mistral_recipe_explains_the_sliding_window(tmp_path):
+    with pytest.raises(ConfigError, match="sliding_window"):
+        validate(_recipe("mistral_7b_yarn_64k", tmp_path, sliding_window=True))
