@@ -53,3 +53,10 @@ def cpu_model() -> str:
     with open("/proc/cpuinfo") as f:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     return f"{names[0]} x {len(names)}" if names else "unknown CPU"
+
+
+def save_run(args: Any, results: Any) -> None:
+    """Writes the command-line arguments and results to args.json, when given."""
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=2) + "\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cpu_model, run_child, timed  # noqa: E402
+from common import cpu_model, run_child, save_run, timed  # noqa: E402
 
 MODES = ("forward", "train")
 IMPLS = ("ours", "transformers")
@@ -149,9 +149,7 @@ def main() -> None:
         print(f"| {mode} | {tokens / ours['median_s']:.0f} | {tokens / theirs['median_s']:.0f} "
               f"| {theirs['median_s'] / ours['median_s']:.2f}x | {ours['peak_mib']:.0f} "
               f"| {theirs['peak_mib']:.0f} | {ours['compile_s']:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2) + "\n")
+    save_run(args, results)
 
 
 if __name__ == "__main__":
