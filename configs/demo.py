@@ -37,9 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.extend_rope_type = "yarn"
     c.stages = [
         stage("pretrain", seq_len=CONTEXT, batch_size=16, steps=c.get_ref("pretrain_steps"),
-              lr=2e-3, warmup_steps=40, schedule="cosine"),
+              lr=2e-3, warmup_steps=c.get_ref("pretrain_steps") // 10, schedule="cosine"),
         stage("extend", seq_len=CONTEXT * FACTOR, batch_size=4,
-              steps=c.get_ref("extend_steps"), lr=2e-4, warmup_steps=5,
+              steps=c.get_ref("extend_steps"), lr=2e-4,
+              warmup_steps=c.get_ref("extend_steps") // 12,
               min_doc_tokens=CONTEXT * FACTOR,
               rope_scaling=ml_collections.ConfigDict(dict(
                   rope_type=c.get_ref("extend_rope_type"), factor=float(FACTOR),
