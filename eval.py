@@ -1,18 +1,13 @@
 """python eval.py --config configs/NAME.py [--config.FIELD=VALUE ...]
 
-Perplexity across lengths, passkey retrieval and LongRoPE search, method by method.
-Not built yet: evaluation lands with the eval.py issue. Until then this entry point says so
-and exits non-zero, rather than print made-up numbers.
+Compares context-extension methods: LongRoPE's evolutionary search (resumable), perplexity
+across lengths, passkey retrieval; writes results.json, results.md and PNG plots to
+config.out_dir. Fields: lctx_jax/comparison.py. Example, on the demo's models:
+
+    python eval.py --config configs/eval_demo.py
 """
 
-import sys
-
-
-def main() -> int:
-    print("eval.py: evaluation is not built yet (see the open issue 'eval.py and LongRoPE "
-          "search'). Available now: lctx_jax.rope.", file=sys.stderr)
-    return 2
-
+from lctx_jax import cli, comparison
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(comparison.run, "eval.py")

@@ -38,15 +38,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages = [
         stage("pretrain", seq_len=CONTEXT, batch_size=16, steps=c.get_ref("pretrain_steps"),
               lr=2e-3, warmup_steps=c.get_ref("pretrain_steps") // 10, schedule="cosine"),
-        stage("extend", seq_len=CONTEXT * FACTOR, batch_size=4,
-              steps=c.get_ref("extend_steps"), lr=2e-4,
-              warmup_steps=c.get_ref("extend_steps") // 12,
-              min_doc_tokens=CONTEXT * FACTOR,
-              rope_scaling=ml_collections.ConfigDict(dict(
-                  rope_type=c.get_ref("extend_rope_type"), factor=float(FACTOR),
-                  original_max_position_embeddings=CONTEXT))),
+        extend_stage(c, ml_collections.ConfigDict(dict(
+            rope_type=c.get_ref("extend_rope_type"), factor=float(FACTOR),
+            original_max_position_embeddings=CONTEXT))),
     ]
     c.checkpoint_every = 50
     c.log_every = 10
     c.eval_batches = 8
     return c
+
+
+def extend_stage(c: ml_collections.ConfigDict, rope_scaling) -> ml_collections.ConfigDict:
+    """The extension fine-tune: 4 × 1024-token rows of documents at least 1024 tokens long."""
+    return stage("extend", seq_len=CONTEXT * FACTOR, batch_size=4,
+                 steps=c.get_ref("extend_steps"), lr=2e-4,
+                 warmup_steps=c.get_ref("extend_steps") // 12,
+                 min_doc_tokens=CONTEXT * FACTOR, rope_scaling=rope_scaling)

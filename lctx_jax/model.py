@@ -33,7 +33,7 @@ import numpy as np
 
 from lctx_jax import sharding
 from lctx_jax.attention import attend
-from lctx_jax.rope import RopeConfig
+from lctx_jax.rope import RopeArrays, RopeConfig
 
 FAMILIES = {  # model_type -> transformers architecture
     "llama": "LlamaForCausalLM",
@@ -175,18 +175,20 @@ class RMSNorm(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """Per-call inputs every layer sees: positions and segments of queries and of keys."""
+    """Per-call inputs every layer sees: positions and segments of queries and of keys, and
+    optionally a rotation that replaces config.rope (runtime arrays: no recompile per value)."""
 
     positions: jax.Array  # [B, T]
     segment_ids: jax.Array | None  # [B, T]
     kv_positions: jax.Array | None  # [B, S] with a cache, else None
     kv_segment_ids: jax.Array | None  # [B, S]
     cache_index: jax.Array | None  # scalar: where this call's keys are written
+    rope: RopeArrays | None = None  # None: config.rope
 
 
 jax.tree_util.register_dataclass(
     Context, data_fields=["positions", "segment_ids", "kv_positions", "kv_segment_ids",
-                          "cache_index"], meta_fields=[])
+                          "cache_index", "rope"], meta_fields=[])
 
 
 def _cache_safe(attention: str, layer_cache: dict | None) -> str:
@@ -230,7 +232,8 @@ class Block(nn.Module):
             layer_cache = {"k": k, "v": v}
         impl = _cache_safe(self.attention, layer_cache)
         out = attend(q, k.astype(self.dtype), v.astype(self.dtype), impl=impl, causal=True,
-                     segment_ids=ctx.segment_ids, rope=c.rope, positions=ctx.positions,
+                     segment_ids=ctx.segment_ids, rope=c.rope if ctx.rope is None else ctx.rope,
+                     positions=ctx.positions,
                      mesh=self.mesh, kv_positions=ctx.kv_positions,
                      kv_segment_ids=ctx.kv_segment_ids)
         h = h + self.dense(c.hidden_size, "o", c.o_bias)(out.reshape(*h.shape[:-1], -1))
@@ -359,20 +362,29 @@ class Model:
         return sharding.param_shardings(self.params, self.mesh, self.config.head_dim)
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None) -> jax.Array:
+              segment_ids: jax.Array | None = None, rope: RopeArrays | None = None
+              ) -> jax.Array:
         """Pure forward for training code: logits f32 [B, T, vocab].
+
+        `rope`, a RopeArrays (`lctx_jax.rope.longrope_arrays`), replaces config.rope in every
+        layer; as a traced argument it lets one compiled forward try many rotations (the
+        LongRoPE search). It needs attention "xla" or "s2".
 
         On a mesh, `params` are constrained to the rule shardings, so inside a jitted training
         step their gradients come out split the same way (FSDP / tensor) even without
         out_shardings, instead of being gathered whole on every device.
         """
         self.check_length(input_ids.shape[1])
+        half = self.config.rope.rotary_dim // 2
+        if rope is not None and rope.inv_freq.shape != (half,):
+            raise ValueError(f"rope arrays have inv_freq of shape {rope.inv_freq.shape}; this "
+                             f"model rotates rotary_dim/2 = {half} frequencies")
         if self.mesh is not None:
             params = jax.lax.with_sharding_constraint(
                 params, sharding.param_shardings(params, self.mesh, self.config.head_dim))
         if positions is None:
             positions = default_positions(input_ids)
-        ctx = Context(positions, segment_ids, None, None, None)
+        ctx = Context(positions, segment_ids, None, None, None, rope)
         return self.module.apply({"params": params}, input_ids, ctx)[0]
 
     def check_length(self, length: int) -> None:

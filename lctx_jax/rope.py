@@ -16,6 +16,9 @@ Methods (`rope_type`):
   longrope  LongRoPE (Ding et al. 2024) / Phi-3 "su": θ / λ_j with short or long λ chosen by
             seq_len vs L, attention factor sqrt(1 + ln s / ln L); optional kept start tokens
   llama3    Llama 3.1: θ/s for long wavelengths, θ for short, smooth in between
+
+`RopeArrays` holds a rotation as runtime arrays instead (jit traces it, so new frequencies do
+not recompile); `longrope_arrays` builds one for LongRoPE factors (see lctx_jax.longrope_search).
 """
 
 from __future__ import annotations
@@ -375,10 +378,15 @@ def longrope_attention_factor(rope: RopeConfig) -> float:
     return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))
 
 
-def _longrope_frequencies(rope: RopeConfig, seq_len: int | jax.Array | None) -> jax.Array:
+def _longrope_inv_freq(rope: RopeConfig, factors: Any) -> np.ndarray:
+    """1 / (λ_j · b^(2j/d)), f32 [rotary_dim // 2], for factors λ (transformers' op order)."""
     shape = _power(rope.theta, _exponents(rope.rotary_dim))
-    short = jnp.asarray(1.0 / (np.asarray(rope.short_factor, np.float32) * shape))
-    long = jnp.asarray(1.0 / (np.asarray(rope.long_factor, np.float32) * shape))
+    return 1.0 / (np.asarray(factors, np.float32) * shape)
+
+
+def _longrope_frequencies(rope: RopeConfig, seq_len: int | jax.Array | None) -> jax.Array:
+    short = jnp.asarray(_longrope_inv_freq(rope, rope.short_factor))
+    long = jnp.asarray(_longrope_inv_freq(rope, rope.long_factor))
     orig = rope.original_max_position_embeddings
     if seq_len is None:
         return short
@@ -399,22 +407,78 @@ def _llama3_frequencies(rope: RopeConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled)
 
 
+# ----------------------------------------------------------------------------- runtime arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeArrays:
+    """A rotation given as arrays instead of a static RopeConfig: a pytree, so jit traces it.
+
+    One compiled function then runs any frequencies (the LongRoPE search tries thousands)
+    without recompiling; a RopeConfig is a static argument and recompiles per value. The
+    arrays are used as they are at every sequence length (no short/long switch by seq_len).
+    Build one with `longrope_arrays`; pass it wherever a RopeConfig goes in `cos_sin`,
+    `lctx_jax.attention.attend` (impl "xla", "s2") and `Model.apply(..., rope=)`.
+    """
+
+    inv_freq: jax.Array  # f32 [rotary_dim // 2]
+    attention_factor: jax.Array  # f32 scalar, folded into cos and sin
+    start_tokens: jax.Array  # int32 scalar n̂: positions < n̂ rotate by start_inv_freq, factor 1
+    start_inv_freq: jax.Array  # f32 [rotary_dim // 2]
+
+
+jax.tree_util.register_dataclass(
+    RopeArrays, data_fields=["inv_freq", "attention_factor", "start_tokens", "start_inv_freq"],
+    meta_fields=[])
+
+
+def longrope_arrays(rope: RopeConfig, factors: Any, start_tokens: int | jax.Array = 0,
+                    attention_factor: float | None = None) -> RopeArrays:
+    """LongRoPE (Ding et al. 2024) for rescale factors λ [rotary_dim // 2] as a RopeArrays.
+
+    inv_freq_j = 1 / (λ_j · b^(2j/d)) in the same f32 op order as `frequencies`, so
+    `longrope_arrays(rope, rope.long_factor, rope.start_tokens)` rotates exactly as `rope`
+    does past its original length. attention_factor defaults to `longrope_attention_factor(rope)`
+    (rope must then be a "longrope" config: its factor s and original length L set it).
+    Positions below `start_tokens` keep the unscaled θ and factor 1. `factors` must be
+    concrete (host values); trace the returned arrays, not the factors.
+    """
+    half = rope.rotary_dim // 2
+    factors = np.asarray(factors, np.float32)
+    if factors.shape != (half,):
+        raise ValueError(f"longrope factors must have rotary_dim/2 = {half} entries, got shape "
+                         f"{factors.shape}")
+    if not np.all(factors > 0):
+        raise ValueError("longrope factors must be positive")
+    if attention_factor is None:
+        if rope.rope_type != "longrope":
+            raise ValueError(f"longrope_arrays: pass attention_factor, or a 'longrope' RopeConfig "
+                             f"(whose factor and original length give it), not "
+                             f"{rope.rope_type!r}")
+        attention_factor = longrope_attention_factor(rope)
+    return RopeArrays(inv_freq=jnp.asarray(_longrope_inv_freq(rope, factors)),
+                      attention_factor=jnp.asarray(attention_factor, jnp.float32),
+                      start_tokens=jnp.asarray(start_tokens, jnp.int32),
+                      start_inv_freq=default_frequencies(rope))
+
+
 # ----------------------------------------------------------------------------- rotation
 
 
 def rotation(positions: jax.Array, inv_freq: jax.Array, attention_factor: float | jax.Array,
-             *, start_tokens: int = 0, start_inv_freq: jax.Array | None = None,
+             *, start_tokens: int | jax.Array = 0, start_inv_freq: jax.Array | None = None,
              dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """cos, sin [..., T, 2·len(inv_freq)] for integer positions [..., T].
 
     angle = position · inv_freq (f32), scaled by the attention factor and repeated over both
     halves (rotate-half layout; the trig runs on one half only). Positions below
     `start_tokens` use `start_inv_freq` and factor 1 (LongRoPE's kept start tokens). This is
-    the math every attention implementation shares.
+    the math every attention implementation shares. start_tokens may be an array (traced);
+    a python int 0 skips the kept-token rotation altogether.
     """
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     cos, sin = jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
-    if start_tokens:
+    if not (isinstance(start_tokens, int) and start_tokens == 0):
         plain = positions.astype(jnp.float32)[..., None] * start_inv_freq
         kept = (positions < start_tokens)[..., None]
         cos, sin = jnp.where(kept, jnp.cos(plain), cos), jnp.where(kept, jnp.sin(plain), sin)
@@ -422,13 +486,19 @@ def rotation(positions: jax.Array, inv_freq: jax.Array, attention_factor: float 
     return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
-def cos_sin(rope: RopeConfig, positions: jax.Array, seq_len: int | jax.Array | None = None,
-            dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
+def cos_sin(rope: RopeConfig | RopeArrays, positions: jax.Array,
+            seq_len: int | jax.Array | None = None, dtype: jnp.dtype = jnp.float32
+            ) -> tuple[jax.Array, jax.Array]:
     """cos, sin [..., T, rotary_dim] for integer positions [..., T], attention factor folded in.
 
     `seq_len` (dynamic, longrope) defaults to max(positions) + 1, as transformers does.
+    A RopeArrays is used as it is (seq_len does not apply).
     """
     positions = jnp.asarray(positions)
+    if isinstance(rope, RopeArrays):
+        return rotation(positions, rope.inv_freq, rope.attention_factor,
+                        start_tokens=rope.start_tokens, start_inv_freq=rope.start_inv_freq,
+                        dtype=dtype)
     if seq_len is None and rope.rope_type in ("dynamic", "longrope"):
         seq_len = jnp.max(positions) + 1
     inv_freq, factor = frequencies(rope, seq_len)

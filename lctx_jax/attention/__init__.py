@@ -24,7 +24,8 @@ __all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "ring", "
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,
-           segment_ids: jax.Array | None = None, rope: rope_lib.RopeConfig | None = None,
+           segment_ids: jax.Array | None = None,
+           rope: rope_lib.RopeConfig | rope_lib.RopeArrays | None = None,
            positions: jax.Array | None = None, mesh: Any = None, *,
            kv_positions: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
            scale: float | None = None, block_size: int | None = None,
@@ -40,7 +41,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
     segment_ids [B, T], kv_segment_ids [B, S] (default: segment_ids if S == T): queries see only
     keys with an equal id. A query that sees no key gets zeros (and zero gradients).
 
-    rope: q and k are passed un-rotated and rotated here by `rotate_qk`.
+    rope: q and k are passed un-rotated and rotated here by `rotate_qk`. A RopeConfig works
+    with every impl; a RopeArrays (runtime frequencies, `lctx_jax.rope.longrope_arrays`) with
+    "xla" and "s2" ("flash" and "ring" take the frequencies as static kernel settings).
     impl: "xla" (see xla.py; `block_size` forces its blockwise path); "flash" (see flash.py: a
     Pallas kernel that rotates q and k blocks in-kernel; `block_size` is its q and kv block,
     interpreted on CPU); "ring" (see ring.py: self-attention only, S == T, split over the
@@ -67,6 +70,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
         raise ValueError(f"block_size must be a positive int, got {block_size}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl in ("flash", "ring") and isinstance(rope, rope_lib.RopeArrays):
+        raise NotImplementedError(
+            f"attention impl {impl!r} takes rope as a RopeConfig; a RopeArrays (runtime "
+            "frequencies, as the LongRoPE search uses) runs with impl 'xla': use "
+            "attention='xla' for the search")
     if impl == "flash":
         return flash.attend(q, k, v, causal=causal, positions=positions,
                             kv_positions=kv_positions, segment_ids=segment_ids,
@@ -87,12 +95,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
                       block_size=block_size)
 
 
-def rotate_qk(q: jax.Array, k: jax.Array, rope: rope_lib.RopeConfig, positions: jax.Array,
-              kv_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rotate_qk(q: jax.Array, k: jax.Array, rope: rope_lib.RopeConfig | rope_lib.RopeArrays,
+              positions: jax.Array, kv_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """q [B, T, Hq, D] rotated at positions [B, T], k [B, S, Hkv, D] at kv_positions [B, S].
 
     Both use seq_len L = max(all positions) + 1, so length-dependent frequencies (dynamic NTK,
-    LongRoPE's short/long factors) are the same for queries and keys.
+    LongRoPE's short/long factors) are the same for queries and keys. A RopeArrays is used as
+    it is.
     """
     seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
     q_cos, q_sin = rope_lib.cos_sin(rope, positions, seq_len=seq_len)

@@ -1,0 +1,524 @@
+"""Long-context evaluation: perplexity under two protocols, passkey retrieval, and a report.
+
+    docs = tokenize_documents(text_source("pg19", "test", text_key="book_text"), tok,
+                              min_tokens=8192, limit=50)
+    ppl = sliding_window_nll(model, docs, window=8192, stride=256)   # PI / Press et al.
+    ppl = truncate_nll(model, docs, length=8192)                     # YaRN / LongRoPE
+    acc = passkey_accuracy(model, tok, lengths=[2048, 4096], depths=[0, .5, 1], trials=10)
+    write_report({"perplexity": ..., "passkey": ..., "meta": ...}, "runs/eval")
+
+Perplexity. A document is a 1-D array of token ids starting with BOS; its targets are tokens
+1..n−1, each predicted from the tokens before it inside one window. Every window is run on its
+own, with positions counting from 0, right-padded to the call's one width, so an evaluation
+call compiles once. The per-batch sums come back in f32 and are added up in float64 on the
+host. Rows of a batch share the rotation's sequence length (the longest row's), which matters
+only for length-dependent RoPE (dynamic NTK, LongRoPE) in the short last window of a document
+under sliding_window_nll: use batch_size=1 there for per-window exactness.
+
+Passkey retrieval (landmark attention, Mohtashami & Jaggi 2023; PI's evaluation): a task line,
+neutral filler repeated to the wanted length, a needle sentence stating a 5-digit key twice at
+a chosen depth, and a question whose answer prefix makes the key the natural continuation. The
+prompts are assembled from token ids, so their length is exact; the model answers greedily.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from lctx_jax.data import Tokenizer
+from lctx_jax.generate import generate
+from lctx_jax.model import Model
+from lctx_jax.training import token_nll
+
+__all__ = ["Perplexity", "sliding_window_nll", "truncate_nll", "tokenize_documents",
+           "PasskeyPrompt", "passkey_prompt", "passkey_accuracy", "write_report"]
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+    """Summed NLL (nats) over `tokens` scored targets of `documents` documents; `skipped`
+    documents were left out (too short for the protocol)."""
+
+    nll_sum: float
+    tokens: int
+    documents: int
+    skipped: int
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per scored token."""
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The fields plus loss and perplexity, for a results file."""
+        return {"perplexity": self.perplexity, "loss": self.loss,
+                **dataclasses.asdict(self)}
+
+
+def sliding_window_nll(model: Model, documents: Sequence[np.ndarray], window: int,
+                       stride: int = 256, batch_size: int = 1) -> Perplexity:
+    """Sliding-window perplexity (Press et al. 2021, as PI, Chen et al. 2023, evaluates).
+
+    A window feeds the model up to `window` tokens, each predicting the token after it (as a
+    training row does). Per document of n tokens, window k feeds tokens [k·stride,
+    min(k·stride + window, n − 1)) and scores only the targets no earlier window scored; the
+    windows stop at the first that predicts token n − 1. So every target is scored exactly
+    once, with up to `window` tokens of context; stride = window gives disjoint windows.
+    Documents with fewer than 2 tokens have no target and count as skipped. Windows of several
+    documents share a batch of `batch_size` rows.
+    """
+    _check_int("window", window, 1, "")
+    _check_int("batch_size", batch_size, 1, "")
+    if not isinstance(stride, (int, np.integer)) or not 1 <= stride <= window:
+        raise ValueError(f"stride must be an int in [1, window={window}], got {stride!r}: a "
+                         "stride above the window would leave tokens unscored")
+    documents = _as_documents(documents)
+    scored = [d for d in documents if len(d) >= 2]
+    if not scored:
+        raise ValueError("every document has fewer than 2 tokens: there is no target to score")
+
+    def windows() -> Iterable[tuple[np.ndarray, int, int]]:
+        for doc in scored:
+            last, begin, done = len(doc) - 1, 0, 0  # inputs [0, done) are already scored
+            while done < last:
+                end = min(begin + window, last)
+                yield doc[begin:end + 1], end - begin, done - begin
+                begin, done = begin + stride, end
+
+    width = min(window, max(len(d) for d in scored) - 1)
+    nll_sum, tokens = _score_windows(model, windows(), width, batch_size)
+    return Perplexity(nll_sum, tokens, len(scored), len(documents) - len(scored))
+
+
+def truncate_nll(model: Model, documents: Sequence[np.ndarray], length: int,
+                 batch_size: int = 1) -> Perplexity:
+    """Truncated-document perplexity (YaRN, Peng et al. 2023; LongRoPE, Ding et al. 2024):
+    each document of at least `length` tokens is cut to its first `length`, fed whole, and all
+    its length − 1 targets are scored; shorter documents are skipped."""
+    _check_int("length", length, 2, "a window needs an input token and a target")
+    _check_int("batch_size", batch_size, 1, "")
+    documents = _as_documents(documents)
+    kept = [d[:length] for d in documents if len(d) >= length]
+    if not kept:
+        longest = max(len(d) for d in documents)
+        raise ValueError(f"no document has length={length} tokens (the longest has {longest}):"
+                         " lower length or evaluate on longer documents")
+    windows = ((d, length, 0) for d in kept)
+    nll_sum, tokens = _score_windows(model, windows, length, batch_size)
+    return Perplexity(nll_sum, tokens, len(kept), len(documents) - len(kept))
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer: Tokenizer, min_tokens: int = 0,
+                       limit: int | None = None) -> list[np.ndarray]:
+    """[bos] + encode(text) as int32 arrays, keeping those of at least min_tokens tokens (BOS
+    included), the first `limit` of them (all when None)."""
+    _check_int("min_tokens", min_tokens, 0, "")
+    if limit is not None:
+        _check_int("limit", limit, 1, "use None for no limit")
+    out: list[np.ndarray] = []
+    for text in texts:
+        if limit is not None and len(out) == limit:
+            break
+        ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text)], np.int32)
+        if len(ids) >= min_tokens:
+            out.append(ids)
+    return out
+
+
+def _check_int(name: str, value: Any, least: int, why: str) -> None:
+    if not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}"
+                         + (f" ({why})" if why else ""))
+
+
+def _as_documents(documents: Sequence[np.ndarray]) -> list[np.ndarray]:
+    docs = [np.asarray(d) for d in documents]
+    if not docs:
+        raise ValueError("documents is empty: pass token-id arrays, e.g. from "
+                         "tokenize_documents(texts, tokenizer)")
+    for i, doc in enumerate(docs):
+        if doc.ndim != 1 or not np.issubdtype(doc.dtype, np.integer):
+            raise ValueError(f"documents[{i}] must be a 1-D int array of token ids, got "
+                             f"{doc.dtype} of shape {doc.shape}")
+    return docs
+
+
+def _score_windows(model: Model, windows: Iterable[tuple[np.ndarray, int, int]], width: int,
+                   batch_size: int) -> tuple[float, int]:
+    """(summed NLL, scored targets) over windows (tokens, fed, first): the model is fed
+    tokens[:fed] at positions 0.. and input i predicts tokens[i + 1]; inputs first..len − 2 are
+    scored. Windows are packed into rows of `width` inputs, right-padded; padding is a
+    segment of its own at position 0, so it is invisible to real tokens and leaves the
+    rotation's sequence length (max position + 1, for dynamic NTK / LongRoPE) at the longest
+    row's; unused rows are all padding."""
+
+    @jax.jit
+    def batch_nll(params: Any, ids: jax.Array, positions: jax.Array, segments: jax.Array,
+                  score: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply(params, ids[:, :-1], positions, segments)
+        return token_nll(logits, ids[:, 1:], score)
+
+    def empty() -> tuple[np.ndarray, ...]:  # fresh arrays: jax may alias a host array
+        return (np.zeros((batch_size, width + 1), np.int32),
+                *(np.zeros((batch_size, width), dtype) for dtype in (np.int32, np.int32,
+                                                                     np.float32)))
+
+    nll, count, in_flight = 0.0, 0, collections.deque()
+
+    def collect(keep: int) -> None:
+        """Adds up finished batches until `keep` are left in flight."""
+        nonlocal nll, count
+        while len(in_flight) > keep:
+            batch_sum, batch_count = in_flight.popleft()
+            nll += float(batch_sum)  # float64 on the host
+            count += round(float(batch_count))
+
+    ids, positions, segments, score = empty()
+    row = 0
+    for tokens, fed, first in windows:
+        ids[row, :len(tokens)] = tokens
+        positions[row, :fed] = np.arange(fed)
+        segments[row, :fed] = 1
+        score[row, first:len(tokens) - 1] = 1.0
+        row += 1
+        if row == batch_size:
+            in_flight.append(batch_nll(model.params, ids, positions, segments, score))
+            collect(keep=2)  # the host prepares batches at most two ahead of the device
+            (ids, positions, segments, score), row = empty(), 0
+    if row:
+        in_flight.append(batch_nll(model.params, ids, positions, segments, score))
+    collect(keep=0)
+    return nll, count
+
+
+# ----------------------------------------------------------------------------- passkey
+
+
+@dataclasses.dataclass(frozen=True)
+class _Style:
+    """Prompt texts; `needle` has a {key} field. prose pieces are sentences separated by a
+    space; python pieces are lines ending in a newline."""
+
+    task: str
+    filler: tuple[str, ...]
+    needle: str
+    question: str
+    prose: bool
+
+
+PASSKEY_STYLES = {
+    "prose": _Style(
+        task="A pass key is hidden somewhere in the long text that follows. Find it and keep "
+             "it in mind: you will be asked for it at the end.",
+        filler=("The kettle sits on the stove.", "A bus stops at the corner.",
+                "The library opens after breakfast.", "Clouds drift over the hills.",
+                "A cat sleeps by the window.", "The bakery sells fresh bread."),
+        needle="Here is the pass key: {key}. Keep the pass key {key} in mind.",
+        question="What number is the pass key? Answer: the pass key is",
+        prose=True),
+    "python": _Style(
+        task="# Somewhere below, PASS_KEY is set to a five-digit number. Remember it.\n",
+        filler=("count = count + step\n",
+                "def double(value):\n    return value + value\n",
+                "label = name.upper()\n",
+                "items.append(label)\n",
+                "def is_empty(values):\n    return not values\n"),
+        needle="PASS_KEY = {key}  # remember this value: {key}\n",
+        question="\nassert PASS_KEY ==",
+        prose=False),
+}
+_ANSWER_TOKENS = 8  # generated per prompt: the key's digits (and a space) fit with room to spare
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyPrompt:
+    """ids int32 [length]: the prompt, BOS first; answer: the key as text; key_start: the
+    index of the needle's first token."""
+
+    ids: np.ndarray
+    answer: str
+    key_start: int
+
+
+def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int,
+                   style: str = "prose") -> PasskeyPrompt:
+    """A passkey-retrieval prompt of exactly `length` tokens:
+    [bos] + task + filler + needle + filler + question.
+
+    The filler (the style's sentences, repeated) takes every token the rest leaves, the last
+    sentence cut at a token boundary. The needle goes at the sentence boundary nearest to
+    depth · (filler tokens), so depth 0 puts it right after the task and depth 1 right before
+    the question. Styles: "prose" (for natural-language models) and "python" (a constant in
+    Python source, for models trained on code, with a tokenizer that adds no dummy-prefix space,
+    as `lctx_jax.data.train_tokenizer`'s; LLaMA's would indent every line by one space).
+    """
+    if style not in PASSKEY_STYLES:
+        raise ValueError(f"style must be one of {list(PASSKEY_STYLES)}, got {style!r}")
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1] (0: needle first, 1: last), got {depth!r}")
+    if not isinstance(key, (int, np.integer)) or not 10_000 <= key <= 99_999:
+        raise ValueError(f"key must be a 5-digit int in [10000, 99999], got {key!r}")
+    s = PASSKEY_STYLES[style]
+    encode = _piece_encoder(tokenizer, s.prose)
+    task = [tokenizer.bos_id, *tokenizer.encode(s.task)]
+    needle = encode(s.needle.format(key=key))
+    question = encode(s.question)
+    fixed = len(task) + len(needle) + len(question)
+    _check_int("length", length, fixed,
+               f"the task, needle and question of style {style!r} take {fixed} tokens")
+    before, after = _filler([encode(text) for text in s.filler], length - fixed, depth)
+    ids = np.asarray([*task, *before, *needle, *after, *question], np.int32)
+    return PasskeyPrompt(ids, str(key), len(task) + len(before))
+
+
+def _piece_encoder(tokenizer: Tokenizer, prose: bool) -> Callable[[str], list[int]]:
+    """encode for a piece that follows other pieces: prose pieces get a leading space unless
+    the tokenizer adds one itself (sentencepiece's dummy prefix, as LLaMA's does)."""
+    adds_space = tokenizer.decode([*tokenizer.encode("a"), *tokenizer.encode("b")]) != "ab"
+    lead = " " if prose and not adds_space else ""
+    return lambda text: tokenizer.encode(lead + text)
+
+
+def _filler(sentences: list[list[int]], count: int, depth: float
+            ) -> tuple[list[int], list[int]]:
+    """`count` tokens of the sentences repeated, split at the sentence boundary (or the end)
+    nearest to depth · count -> (before, after)."""
+    stream: list[int] = []
+    boundaries = [0]
+    for sentence in itertools.cycle(sentences):
+        if len(stream) >= count:
+            break
+        stream += sentence
+        boundaries.append(len(stream))
+    candidates = [b for b in boundaries if b <= count] + [count]
+    split = min(candidates, key=lambda b: abs(b - depth * count))
+    return stream[:split], stream[split:count]
+
+
+def passkey_accuracy(model: Model, tokenizer: Tokenizer, lengths: Sequence[int],
+                     depths: Sequence[float], trials: int, seed: int = 0, style: str = "prose",
+                     batch_size: int = 1) -> dict[str, Any]:
+    """Greedy passkey retrieval accuracy per (length, depth) over `trials` random keys.
+
+    Keys of a cell come from np.random.default_rng([seed, length, round(depth · 1000)]), so a
+    cell's prompts do not depend on the other cells. A trial is correct when the first five
+    consecutive digits of the generated text (spaces removed) are the key. Prompts of a length
+    run in batches of batch_size (the last one padded), one compile per length.
+
+    Returns {"lengths": [...], "depths": [...], "accuracy": [[per depth] per length] in [0, 1],
+    "trials": trials, "style": style, "examples": [one per length: {"length", "depth",
+    "prompt_tail", "expected", "got"}, a failed trial when there is one]}.
+    """
+    _check_int("trials", trials, 1, "")
+    _check_int("batch_size", batch_size, 1, "")
+    lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
+    if not lengths or not depths:
+        raise ValueError(f"lengths and depths must be non-empty, got {lengths} and {depths}")
+    accuracy, examples = [], []
+    for length in lengths:
+        row, example, example_failed = [], None, False
+        for depth in depths:
+            rng = np.random.default_rng([seed, length, round(depth * 1000)])
+            keys = rng.integers(10_000, 100_000, trials)
+            prompts = [passkey_prompt(tokenizer, length, depth, int(k), style) for k in keys]
+            answers = _greedy_answers(model, np.stack([p.ids for p in prompts]), batch_size)
+            texts = [tokenizer.decode(a) for a in answers]
+            found = [_first_key(t) for t in texts]
+            correct = [f == p.answer for f, p in zip(found, prompts)]
+            row.append(float(np.mean(correct)))
+            if example is None or (not example_failed and not all(correct)):
+                shown = correct.index(False) if not all(correct) else 0
+                example_failed = not correct[shown]
+                example = {"length": length, "depth": depth,
+                           "prompt_tail": tokenizer.decode(prompts[shown].ids[-24:]),
+                           "expected": prompts[shown].answer, "got": texts[shown]}
+        accuracy.append(row)
+        examples.append(example)
+    return {"lengths": lengths, "depths": depths, "accuracy": accuracy, "trials": trials,
+            "style": style, "examples": examples}
+
+
+def _greedy_answers(model: Model, prompts: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The generated ids [_ANSWER_TOKENS] of each prompt row (rows of equal length)."""
+    batch = min(batch_size, len(prompts))
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+        tokens = np.asarray(generate(model, padded, max_new_tokens=_ANSWER_TOKENS,
+                                     eos_token_id=()))
+        out.extend(tokens[:len(chunk), prompts.shape[1]:])
+    return out
+
+
+def _first_key(text: str) -> str:
+    """The first five consecutive digits of text with spaces removed ('' if none)."""
+    match = re.search(r"\d{5}", text.replace(" ", ""))
+    return match.group() if match else ""
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """Writes results.json, results.md and plots into out_dir -> the paths written.
+
+    results:
+        {"perplexity": {setting: {method: {str(length): Perplexity.as_dict() or a dict with
+                                                          at least "perplexity"}}},
+         "passkey":    {setting: {method: passkey_accuracy(...)}},
+         "meta":       {free-form: model, dataset, protocol, ...}}
+    Every part is optional; a setting is e.g. "no fine-tune" or "fine-tuned". Perplexity
+    objects, numpy values and tuples are converted; non-finite floats become null.
+
+    results.md: the meta as a list, one perplexity table per setting (rows methods, columns
+    lengths, 2 decimals) and one passkey table per setting (mean accuracy over depths, %).
+    perplexity.png: perplexity against length (both log axes), a line per method and a panel
+    per setting. passkey_<method>.png: accuracy heat map, depth × length, a panel per setting
+    (characters of the method other than letters, digits, "_", "." and "-" become "_").
+    Every file is written to a temporary name and renamed, so readers never see half a file.
+    """
+    safe = _json_safe(results)
+    out = pathlib.Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_write(out / "results.json", json.dumps(safe, indent=2, allow_nan=False).encode()),
+               _write(out / "results.md", _markdown(safe).encode())]
+    if safe.get("perplexity"):
+        written.append(_write(out / "perplexity.png", _perplexity_plot(safe["perplexity"])))
+    passkey = safe.get("passkey") or {}
+    for method in dict.fromkeys(m for per_method in passkey.values() for m in per_method):
+        panels = {s: per_method[method] for s, per_method in passkey.items()
+                  if method in per_method}
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
+        written.append(_write(out / f"passkey_{name}.png", _passkey_plot(method, panels)))
+    return written
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Perplexity):
+        return _json_safe(value.as_dict())
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write(path: pathlib.Path, content: bytes) -> pathlib.Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+    return path
+
+
+def _table(rows: dict[str, dict[int, str]]) -> list[str]:
+    """Markdown table: a row per method, a column per length (sorted), '–' where missing."""
+    lengths = sorted({n for cells in rows.values() for n in cells})
+    lines = ["| method | " + " | ".join(str(n) for n in lengths) + " |",
+             "| --- |" + " ---: |" * len(lengths)]
+    for method, cells in rows.items():
+        lines.append(f"| {method} | " + " | ".join(cells.get(n, "–") for n in lengths) + " |")
+    return lines
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    lines = ["# Evaluation results", ""]
+    for key, value in (results.get("meta") or {}).items():
+        lines.append(f"- {key}: {value}")
+    for setting, per_method in (results.get("perplexity") or {}).items():
+        rows = {m: {int(n): _number(r.get("perplexity"), "{:.2f}") for n, r in by_len.items()}
+                for m, by_len in per_method.items()}
+        lines += ["", f"## Perplexity: {setting}", "", *_table(rows)]
+    for setting, per_method in (results.get("passkey") or {}).items():
+        rows = {m: {n: _number(_mean(acc), "{:.1f}", 100) for n, acc in
+                    zip(r["lengths"], r["accuracy"])} for m, r in per_method.items()}
+        trials = sorted({r["trials"] for r in per_method.values()})
+        lines += ["", f"## Passkey retrieval: {setting}", "",
+                  f"Accuracy in %, mean over depths; {'/'.join(map(str, trials))} trials per "
+                  "length and depth.", "", *_table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _number(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "–" if value is None else fmt.format(value * scale)
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _perplexity_plot(perplexity: dict[str, Any]) -> bytes:
+    fig = Figure(figsize=(5.5 * len(perplexity), 4), layout="constrained")
+    axes = fig.subplots(1, len(perplexity), squeeze=False)[0]
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for ax, (setting, per_method) in zip(axes, perplexity.items()):
+        lengths = sorted({int(n) for by_len in per_method.values() for n in by_len})
+        for method, by_len in per_method.items():
+            points = sorted((int(n), r["perplexity"]) for n, r in by_len.items()
+                            if r.get("perplexity") is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        if ax.lines:
+            ax.legend(fontsize="small")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(setting)
+        ax.grid(True, which="both", alpha=0.3)
+    return _png(fig)
+
+
+def _passkey_plot(method: str, panels: dict[str, dict[str, Any]]) -> bytes:
+    fig = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (setting, r) in zip(axes, panels.items()):
+        grid = np.array([[np.nan if a is None else a for a in row] for row in r["accuracy"]],
+                        float).T  # [depths, lengths]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto",
+                          origin="lower")
+        for (d, n), value in np.ndenumerate(grid):
+            ax.text(n, d, "–" if np.isnan(value) else f"{value:.2f}", ha="center",
+                    va="center", fontsize="small")
+        ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]])
+        ax.set_yticks(range(len(r["depths"])), [f"{d:g}" for d in r["depths"]])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{method}: {setting}")
+    fig.colorbar(image, ax=list(axes), label="accuracy")
+    return _png(fig)
