@@ -7,21 +7,19 @@ import jax
 import pytest
 
 import lctx_jax as lx
-from lctx_jax import comparison, data
+from lctx_jax import comparison
 from lctx_jax.train_config import ConfigError
 from test_training import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("eval")
-    data_dir = str(root / "tfds")
-    docs = data.text_source("stdlib", "train", data_dir)
-    tokenizer = root / "tok512.model"
-    data.train_tokenizer((docs[i] for i in range(60)), 512, tokenizer)
-    config = lx.ModelConfig.from_hf({**TINY_MODEL, "max_position_embeddings": 128})
-    lx.save(lx.Model.init(config, jax.random.key(0)), root / "ckpt")
-    return {"root": root, "data_dir": data_dir, "tokenizer": str(tokenizer)}
+def workspace(small_corpus) -> dict:
+    """The shared corpus and tokenizer, and a tiny model saved as an lctx_jax checkpoint."""
+    root = small_corpus["root"]
+    if not (root / "ckpt").exists():
+        config = lx.ModelConfig.from_hf({**TINY_MODEL, "max_position_embeddings": 128})
+        lx.save(lx.Model.init(config, jax.random.key(0)), root / "ckpt")
+    return small_corpus
 
 
 def tiny_config(workspace: dict, out_dir):

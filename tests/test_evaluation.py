@@ -21,10 +21,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluation")
-    docs = data.text_source("stdlib", "train", str(root / "tfds"))
-    return data.train_tokenizer((docs[i] for i in range(30)), 512, root / "tok512.model")
+def tokenizer(small_corpus):
+    return data.load_tokenizer(small_corpus["tokenizer"])
 
 
 def documents(*lengths: int, seed: int = 0) -> list[np.ndarray]:

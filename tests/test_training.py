@@ -8,7 +8,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -18,7 +17,7 @@ import optax
 import pytest
 
 import lctx_jax as lx
-from lctx_jax import data, lora as lora_lib, training
+from lctx_jax import lora as lora_lib, training
 from lctx_jax.train_config import ConfigError, default_config, stage, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,14 +28,8 @@ TINY_MODEL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermedia
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
-    """A TFDS build of the embedded corpus and a 512-token tokenizer, shared by the tests."""
-    root = tmp_path_factory.mktemp("train")
-    data_dir = str(root / "tfds")
-    docs = data.text_source("stdlib", "train", data_dir)
-    tokenizer = root / "tok512.model"
-    data.train_tokenizer((docs[i] for i in range(60)), 512, tokenizer)
-    return {"root": root, "data_dir": data_dir, "tokenizer": str(tokenizer)}
+def workspace(small_corpus) -> dict:
+    return small_corpus
 
 
 def tiny_config(workspace: dict, run_dir: pathlib.Path, **overrides):
