@@ -1,11 +1,11 @@
 """The demo's extension stage alone, from the demo's pre-trained model, for one method.
 
-    python train.py --config configs/demo_extend.py:pi   --config.run_dir=runs/demo-pi
-    python train.py --config configs/demo_extend.py:longrope \\
-        --config.longrope_factors=runs/search/longrope_4x.json --config.run_dir=runs/demo-longrope
+    python train.py --config configs/demo_extend.py:pi          # -> runs/demo-pi
+    python train.py --config configs/demo_extend.py:longrope    # -> runs/demo-longrope
 
-The method (after the colon) is one of lctx_jax.methods.METHODS or "longrope" (searched
-factors from a JSON file); everything else is configs/demo.py's "extend" stage: 60 steps of
+The method (after the colon) is one of lctx_jax.methods.METHODS or "longrope": the 4x factors
+that `eval.py --config configs/eval_demo.py:base` searched (--config.longrope_factors=FILE for
+others); everything else is configs/demo.py's "extend" stage: 60 steps of
 4 × 1024 tokens on documents of at least 1024 tokens. eval.py compares the results.
 """
 
@@ -20,7 +20,7 @@ def get_config(method: str = "yarn") -> ml_collections.ConfigDict:
     c.init_from = "runs/demo/models/pretrain"
     c.run_dir = f"runs/demo-{method}"
     if method == "longrope":
-        c.longrope_factors = "runs/search/longrope_4x.json"
+        c.longrope_factors = "runs/eval-demo/search/longrope_4x.json"
         rope_scaling = c.get_ref("longrope_factors")
     else:
         rope_scaling = methods.scaling(method, demo.FACTOR, demo.CONTEXT)

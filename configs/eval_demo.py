@@ -7,7 +7,7 @@ config runs first (its 4x factors are what demo_extend.py:longrope fine-tunes wi
     python train.py --config configs/demo.py                       # runs/demo/models/pretrain
     python eval.py --config configs/eval_demo.py:base    # the search + no fine-tune
     for m in none pi ntk dynamic yarn llama3 longrope; do
-      python train.py --config configs/demo_extend.py:$m --config.longrope_factors=runs/eval-demo/search/longrope_4x.json
+      python train.py --config configs/demo_extend.py:$m        # -> runs/demo-$m
     done
     python eval.py --config configs/eval_demo.py
 
