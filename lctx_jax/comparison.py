@@ -123,9 +123,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for s in config.settings:
         results["perplexity"][s.name], results["passkey"][s.name] = {}, {}
         for method in config.methods:
+            checkpoint_model = _load(_checkpoint_dir(s, method), jnp.dtype(config.dtype))
             ppl, passkey = {}, []
             for length in config.lengths:
-                model = _model(config, s, method, length, searched)
+                model = _for_length(config, s, checkpoint_model, method, length, searched)
                 ppl[str(length)] = _perplexity(config, model, documents, length)
                 line = (f"{s.name} | {method} | {length}: perplexity "
                         f"{ppl[str(length)]['perplexity']:.3f}")
@@ -155,10 +156,9 @@ def _load(path: pathlib.Path, dtype: Any) -> Model:
     return convert.from_hf(path, dtype=dtype)
 
 
-def _model(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, method: str,
-           length: int, searched: dict[int, dict]) -> Model:
-    """The setting's checkpoint with the method's RoPE for `length`."""
-    model = _load(_checkpoint_dir(s, method), jnp.dtype(config.dtype))
+def _for_length(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, model: Model,
+                method: str, length: int, searched: dict[int, dict]) -> Model:
+    """The setting's checkpoint (loaded once) with the method's RoPE for `length`."""
     if s.rope == "checkpoint":
         return model
     factor = length / config.original_length
@@ -234,10 +234,12 @@ def _searched_factors(config: ml_collections.ConfigDict, tokenizer: data.Tokeniz
     Fitness documents come from `data.search_split`, not the evaluated split."""
     out = {}
     base_setting = next(s for s in config.settings if s.rope == "per_length")
+    model = None
     for length in _search_lengths(config):
         path = _factors_file(config, length)
         if not path.is_file():
-            model = _load(_checkpoint_dir(base_setting, "longrope"), jnp.dtype(config.dtype))
+            if model is None:
+                model = _load(_checkpoint_dir(base_setting, "longrope"), jnp.dtype(config.dtype))
             documents = _long_documents(config, tokenizer, config.data.search_split, length,
                                         config.search.documents)
             rope = model.config.rope  # the window L the factors extend

@@ -150,7 +150,6 @@ def test_gradient_accumulation_matches_one_batch():
 def test_lora_step_keeps_optimizer_state_for_trainable_only():
     lora = lora_lib.LoraConfig(rank=2)
     (state, _), frozen, start = _toy_step(1, lora)
-    assert set(jax.tree_util.tree_leaves(jax.tree.map(lambda x: x.shape, frozen)))
     trainable_leaves = len(jax.tree.leaves((state["trainable"], state["lora"])))
     mu = state["opt_state"][1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
     assert len(jax.tree.leaves(mu)) == trainable_leaves
