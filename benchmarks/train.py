@@ -5,8 +5,8 @@ a fresh process each (so peak memory is its own), one optimizer step on a [B, T]
   ours          lctx_jax.training.make_step: next-token loss over packed documents (segment ids,
                 loss mask), global-norm clipping + AdamW (weight decay on matrices), state
                 donated, one jit
-  ours-lora     the same step for LongLoRA: S²-Attn, LoRA r=8 on q/k/v/o merged inside the
-                step, embeddings and norms trainable, the rest frozen
+  ours-lora     the same step for LongLoRA: S²-Attn, LoRA r=8 on q/k/v/o applied inside the
+                layers (x W + s·(x A) B), embeddings and norms trainable, the rest frozen
   transformers  LlamaForCausalLM (SDPA attention): loss.backward(), clip_grad_norm_,
                 torch.optim.AdamW.step()
 Reported: tokens/s (B·T / median step time), the ratio to transformers, peak memory above the
@@ -64,12 +64,12 @@ def prepare_ours(args: argparse.Namespace, lora: bool) -> tuple[Callable[[], Any
 
     config = lx.ModelConfig.from_hf(demo_model())
     start = lx.Model.init(config, jax.random.key(0))
-    model = lx.Model(config, start.params, dtype=jnp.dtype(args.dtype),
-                     attention="s2" if lora else "xla")
     lora_config = lora_lib.LoraConfig(rank=8) if lora else None
+    model = lx.Model(config, start.params, dtype=jnp.dtype(args.dtype),
+                     attention="s2" if lora else "xla", lora=lora_config)
     schedule = training.learning_rate(1e-4, 1000, 10, "cosine")
     tx = training.optimizer(default_config().optimizer, schedule)
-    fns = training.make_step(model, model, tx, lora_config, schedule)
+    fns = training.make_step(model, model, tx, schedule)
     trainable, frozen = lora_lib.split(start.params,
                                        lora_lib.trainable_mask(start.params, lora_config))
     lora_params = {} if lora_config is None else lora_lib.init(start.params, lora_config,

@@ -39,10 +39,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from lctx_jax import losses
 from lctx_jax.data import Tokenizer
 from lctx_jax.generate import generate
-from lctx_jax.model import Model
-from lctx_jax.training import token_nll
+from lctx_jax.model import Model, head_kernel
 
 __all__ = ["Perplexity", "sliding_window_nll", "truncate_nll", "tokenize_documents",
            "PasskeyPrompt", "passkey_prompt", "passkey_accuracy", "write_report"]
@@ -175,8 +175,9 @@ def _score_windows(model: Model, windows: Iterable[tuple[np.ndarray, int, int]],
     @jax.jit
     def batch_nll(params: Any, ids: jax.Array, positions: jax.Array, segments: jax.Array,
                   score: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(params, ids[:, :-1], positions, segments)
-        return token_nll(logits, ids[:, 1:], score)
+        hidden = model.hidden(params, ids[:, :-1], positions, segments)
+        return losses.nll_sum(hidden, head_kernel(params, model.config), ids[:, 1:], score,
+                              model.dtype)
 
     def empty() -> tuple[np.ndarray, ...]:  # fresh arrays: jax may alias a host array
         return (np.zeros((batch_size, width + 1), np.int32),

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lctx_jax import rope as rope_lib
+from lctx_jax import losses, rope as rope_lib
+from lctx_jax.model import head_kernel
 from lctx_jax.rope import RopeConfig
 
 N_HAT = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)  # kept start token choices
@@ -351,8 +352,9 @@ def perplexity_fitness(model: Any, documents: Sequence[Any], length: int,
     `length` and scored in one window, all length − 1 next-token targets; the perplexity is
     exp of the mean over all documents. The attention factor is LongRoPE's for s = `factor`
     (default length / L). One jitted (params, ids, RopeArrays) -> mean nll serves every
-    candidate; documents run one at a time (lax.map), so memory is one [length, vocab] row of
-    logits. Runs full attention ("xla"): RopeArrays needs it, and S²-Attn is training only.
+    candidate; documents run one at a time (lax.map) and the LM head in chunks
+    (`lctx_jax.losses`), so no [length, vocab] logits are held. Runs full attention ("xla"):
+    RopeArrays needs it, and S²-Attn is training only.
     """
     rope = model.config.rope
     s = length / original_length(rope) if factor is None else factor
@@ -377,8 +379,11 @@ def perplexity_fitness(model: Any, documents: Sequence[Any], length: int,
     @jax.jit
     def mean_nll(params: Any, ids: jax.Array, arrays: rope_lib.RopeArrays) -> jax.Array:
         def nll(doc: jax.Array) -> jax.Array:  # [length] -> mean next-token nll
-            logp = jax.nn.log_softmax(forward.apply(params, doc[None], rope=arrays)[0, :-1])
-            return -jnp.mean(jnp.take_along_axis(logp, doc[1:, None], axis=-1))
+            targets, weights = losses.shifted_targets(doc[None])
+            hidden = forward.hidden(params, doc[None], rope=arrays)
+            total, count = losses.nll_sum(hidden, head_kernel(params, forward.config), targets,
+                                          weights, forward.dtype)
+            return total / count
         return jnp.mean(jax.lax.map(nll, ids))
 
     def fitness(factors: np.ndarray, start_tokens: int) -> float:

@@ -4,18 +4,20 @@ LoRA (Hu et al. 2021) freezes a kernel W [in, out] and learns W' = W + (alpha / 
 with A [in, r], B [r, out]. LongLoRA adds that, for long-context fine-tuning, the embedding and
 every norm must be trained too ("LoRA+"); lm_head stays frozen.
 
-Functional, the model is untouched: the adapters are a tree of their own,
+The adapters are a tree of their own,
     {"layers": {name: {"a": [L, in, r], "b": [L, r, out]}}}
-(L layers, stacked like the model's `params["layers"]`), and `merge` folds them into the base
-kernels inside the training step, so gradients reach A and B through the merged kernel. The same
-`merge` gives the parameters to export (`lctx_jax.to_hf(Model(config, merge(...)), dir)`).
+(L layers, stacked like the model's `params["layers"]`). In training they are applied inside
+the layers: `Model(config, params, lora=cfg).apply(params, ids, adapters=adapters)` computes
+x W + scale · (x A) B per target (`lctx_jax.model.Linear`), so no merged copy of a frozen
+kernel is formed and no gradient of W is computed. `merge` folds them into the kernels for
+export and between training stages (`lctx_jax.to_hf(Model(config, merge(...)), dir)`).
 
 `trainable_mask` / `split` / `combine` partition the parameters into the trained leaves and the
 frozen rest, so an optimizer is built over (trainable, lora) only and frozen weights get neither
 gradients nor optimizer state:
 
     trainable, frozen = split(params, trainable_mask(params, cfg))
-    loss(trainable, lora) = lm_loss(model.apply(merge(combine(trainable, frozen), lora, cfg), …))
+    loss(trainable, lora) = lm_loss(model.apply(combine(trainable, frozen), …, adapters=lora))
 """
 
 from __future__ import annotations

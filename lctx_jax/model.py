@@ -33,6 +33,7 @@ import numpy as np
 
 from lctx_jax import sharding
 from lctx_jax.attention import attend
+from lctx_jax.lora import LoraConfig
 from lctx_jax.rope import RopeArrays, RopeConfig
 
 FAMILIES = {  # model_type -> transformers architecture
@@ -173,6 +174,49 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+class Linear(nn.Module):
+    """y = x W (+ b), with nn.Dense's parameters ("kernel" [in, out], "bias") and arithmetic, plus
+    a LoRA update (Hu et al. 2021) when the "lora" collection holds this layer's adapters:
+
+        y = x W + lora_scale · (x A) B,    A [in, r], B [r, out]   (`lctx_jax.lora`)
+
+    The frozen W is used as it is: no merged copy W + s·A B is ever formed, and its gradient is
+    never computed when only A and B (and other leaves) are differentiated."""
+
+    features: int
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.has_variable("lora", "a"):
+            a, b = (self.get_variable("lora", name).astype(self.dtype) for name in ("a", "b"))
+            y = y + (self.lora_scale * ((x @ a) @ b)).astype(y.dtype)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+class HeadKernel(nn.Module):
+    """Holds the untied LM head lm_head/kernel [H, vocab]; `head_logits` applies it."""
+
+    features: int
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, hidden_size: int) -> jax.Array:
+        return self.param("kernel", nn.initializers.normal(0.02), (hidden_size, self.features),
+                          self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     """Per-call inputs every layer sees: positions and segments of queries and of keys, and
@@ -207,10 +251,10 @@ class Block(nn.Module):
     param_dtype: jnp.dtype
     attention: str
     mesh: Any = None
+    lora_scale: float = 0.0
 
-    def dense(self, features: int, name: str, bias: bool = False) -> nn.Dense:
-        return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=nn.initializers.normal(0.02), name=name)
+    def dense(self, features: int, name: str, bias: bool = False) -> Linear:
+        return Linear(features, bias, self.dtype, self.param_dtype, self.lora_scale, name=name)
 
     @nn.compact
     def __call__(self, h: jax.Array, layer_cache: dict | None, ctx: Context
@@ -254,10 +298,13 @@ class Decoder(nn.Module):
     attention: str = "xla"
     remat: str = "none"
     mesh: Any = None
+    lora_scale: float = 0.0
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, ctx: Context, cache: dict | None = None
-                 ) -> tuple[jax.Array, dict | None]:
+    def __call__(self, input_ids: jax.Array, ctx: Context, cache: dict | None = None,
+                 logits: bool = True) -> tuple[jax.Array, dict | None]:
+        """-> (logits f32 [B, T, vocab], cache), or with logits=False the final-normed hidden
+        states [B, T, H] (for `lctx_jax.losses`, which applies the LM head in chunks)."""
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                          param_dtype=self.param_dtype,
@@ -278,19 +325,35 @@ class Decoder(nn.Module):
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=c.num_layers)
+        layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                         split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+                         length=c.num_layers)
         h, cache = layers(c, self.dtype, self.param_dtype, self.attention, self.mesh,
-                          name="layers")(h, cache, ctx)
-        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h)
+                          self.lora_scale, name="layers")(h, cache, ctx)
+        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h).reshape(b, t, -1)
         if c.tie_word_embeddings:
-            logits = embed.attend(h)
+            head = embed.embedding.T
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              kernel_init=nn.initializers.normal(0.02), name="lm_head")(h)
-        logits = logits.reshape(b, t, c.vocab_size).astype(jnp.float32)
-        return sharding.constrain(logits, self.mesh if cache is None else None, "tensor"), cache
+            head = HeadKernel(c.vocab_size, self.param_dtype, name="lm_head")(c.hidden_size)
+        if not logits:
+            return h, cache
+        out = head_logits(h, head, self.dtype)
+        return sharding.constrain(out, self.mesh if cache is None else None, "tensor"), cache
+
+
+def head_logits(hidden: jax.Array, head: jax.Array, dtype: Any) -> jax.Array:
+    """The LM head: hidden [..., H] @ head [H, vocab] in the compute dtype, f32 logits (the
+    matmul accumulates in f32)."""
+    return jnp.einsum("...h,hv->...v", hidden.astype(dtype), head.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def head_kernel(params: Any, config: "ModelConfig") -> jax.Array:
+    """The LM head [H, vocab] of a parameter tree: lm_head/kernel, or the embedding's
+    transpose with tied embeddings."""
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 # ----------------------------------------------------------------------------- model
@@ -308,6 +371,7 @@ class Model:
     dtype: compute dtype; parameters keep theirs (bf16 checkpoints stay bf16 in memory).
     attention: "xla" | "flash" | "ring" | "s2" (see lctx_jax.attention.attend).
     remat: "none" | "full" | "dots" — activation checkpointing policy per layer.
+    lora: a LoraConfig when `apply(..., adapters=)` is given LoRA adapters (training).
     mesh: a Mesh from `lctx_jax.make_mesh`, or None. With a mesh, `from_hf`, `load` and `init`
     place the parameters by `lctx_jax.sharding.RULES` (`param_shardings`), and `model(ids)`
     runs as one jit whose inputs are placed by the rules and the activation spec and whose
@@ -320,6 +384,7 @@ class Model:
     attention: str = "xla"
     remat: str = "none"
     mesh: Any = None
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         if self.remat not in REMAT_POLICIES:
@@ -332,7 +397,7 @@ class Model:
     @property
     def module(self) -> Decoder:
         return Decoder(self.config, self.dtype, self.param_dtype, self.attention, self.remat,
-                       self.mesh)
+                       self.mesh, self.lora.scale if self.lora is not None else 0.0)
 
     @classmethod
     def init(cls, config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32,
@@ -362,30 +427,50 @@ class Model:
         return sharding.param_shardings(self.params, self.mesh, self.config.head_dim)
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None, rope: RopeArrays | None = None
-              ) -> jax.Array:
+              segment_ids: jax.Array | None = None, rope: RopeArrays | None = None,
+              adapters: Any = None) -> jax.Array:
         """Pure forward for training code: logits f32 [B, T, vocab].
 
         `rope`, a RopeArrays (`lctx_jax.rope.longrope_arrays`), replaces config.rope in every
         layer; as a traced argument it lets one compiled forward try many rotations (the
         LongRoPE search). It needs attention "xla" or "s2".
 
+        `adapters`: LoRA adapters (`lctx_jax.lora.init`) applied inside the layers as
+        x W + scale · (x A) B, with scale from `self.lora`; the kernels stay as they are.
+
         On a mesh, `params` are constrained to the rule shardings, so inside a jitted training
         step their gradients come out split the same way (FSDP / tensor) even without
         out_shardings, instead of being gathered whole on every device.
         """
+        return self._run(params, input_ids, positions, segment_ids, rope, adapters, True)
+
+    def hidden(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, rope: RopeArrays | None = None,
+               adapters: Any = None) -> jax.Array:
+        """As `apply`, but the final-normed hidden states [B, T, H] before the LM head
+        (`head_kernel(params, config)`): what `lctx_jax.losses` consumes."""
+        return self._run(params, input_ids, positions, segment_ids, rope, adapters, False)
+
+    def _run(self, params: Any, input_ids: jax.Array, positions: jax.Array | None,
+             segment_ids: jax.Array | None, rope: RopeArrays | None, adapters: Any,
+             logits: bool) -> jax.Array:
         self.check_length(input_ids.shape[1])
         half = self.config.rope.rotary_dim // 2
         if rope is not None and rope.inv_freq.shape != (half,):
             raise ValueError(f"rope arrays have inv_freq of shape {rope.inv_freq.shape}; this "
                              f"model rotates rotary_dim/2 = {half} frequencies")
+        if adapters is not None and self.lora is None:
+            raise ValueError("LoRA adapters were passed to a Model without a LoraConfig; build "
+                             "it with Model(..., lora=LoraConfig(...))")
         if self.mesh is not None:
             params = jax.lax.with_sharding_constraint(
                 params, sharding.param_shardings(params, self.mesh, self.config.head_dim))
         if positions is None:
             positions = default_positions(input_ids)
         ctx = Context(positions, segment_ids, None, None, None, rope)
-        return self.module.apply({"params": params}, input_ids, ctx)[0]
+        variables = {"params": params} if adapters is None else {"params": params,
+                                                                 "lora": adapters}
+        return self.module.apply(variables, input_ids, ctx, logits=logits)[0]
 
     def check_length(self, length: int) -> None:
         window = self.config.sliding_window

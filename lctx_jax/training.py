@@ -31,6 +31,7 @@ run_dir layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -45,8 +46,8 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lctx_jax import checkpoint, convert, data, lora as lora_lib, sharding
-from lctx_jax.model import Model, ModelConfig
+from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, sharding
+from lctx_jax.model import Model, ModelConfig, head_kernel
 from lctx_jax.train_config import (ConfigError, base_hf_config, fingerprint, lora_config, plain,
                                    rope_scaling_dict, tokenizer_path, validate)
 
@@ -87,14 +88,6 @@ def optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
 
 
-def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-              ) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token negative log-likelihood over scored tokens, and their count.
-    logits f32 [B, T, V], targets int [B, T], loss_mask f32 [B, T]."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(nll * loss_mask), jnp.sum(loss_mask)
-
-
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM appendix B): 6·N for the matmul weights outside the
     embedding table, plus 12·layers·heads·head_dim·T for attention (no causal discount)."""
@@ -130,22 +123,25 @@ class Step:
 
 
 def make_step(model: Model, eval_model: Model, tx: optax.GradientTransformation,
-              lora: lora_lib.LoraConfig | None, schedule: optax.Schedule,
-              state_shardings: Any = None) -> Step:
+              schedule: optax.Schedule, state_shardings: Any = None) -> Step:
     """batch: dict of [A, B/A, T] arrays (A micro-batches): input_ids, targets, positions,
     segment_ids, loss_mask. The loss is the mean over every scored token of all A micro-batches
-    (sums accumulated, divided once), so A only trades memory for time."""
+    (sums accumulated, divided once), so A only trades memory for time. With `model.lora`, the
+    state's "lora" adapters are applied inside the layers (`Model.apply(..., adapters=)`)."""
 
-    def params_of(trainable: Any, lora_params: Any, frozen: Any) -> Any:
+    def batch_nll(model: Model, weights: tuple, frozen: Any, batch: dict
+                  ) -> tuple[jax.Array, jax.Array]:
+        """(summed nll, scored tokens): LoRA adapters applied inside the layers, the LM head
+        in chunks (`lctx_jax.losses`)."""
+        trainable, lora_params = weights
         params = lora_lib.combine(trainable, frozen)
-        return params if lora is None else lora_lib.merge(params, lora_params, lora)
+        hidden = model.hidden(params, batch["input_ids"], batch["positions"],
+                              batch["segment_ids"],
+                              adapters=lora_params if model.lora is not None else None)
+        return losses.nll_sum(hidden, head_kernel(params, model.config), batch["targets"],
+                              batch["loss_mask"], model.dtype)
 
-    def micro_nll(weights: tuple, frozen: Any, micro: dict) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(params_of(*weights, frozen), micro["input_ids"], micro["positions"],
-                             micro["segment_ids"])
-        return token_nll(logits, micro["targets"], micro["loss_mask"])
-
-    grad_fn = jax.value_and_grad(micro_nll, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(batch_nll, model), argnums=0, has_aux=True)
 
     def train(state: dict, frozen: Any, batch: dict) -> tuple[dict, dict]:
         weights = (state["trainable"], state["lora"])
@@ -169,10 +165,7 @@ def make_step(model: Model, eval_model: Model, tx: optax.GradientTransformation,
         return new, metrics
 
     def evaluate(state: dict, frozen: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-        params = params_of(state["trainable"], state["lora"], frozen)
-        logits = eval_model.apply(params, batch["input_ids"], batch["positions"],
-                                  batch["segment_ids"])
-        return token_nll(logits, batch["targets"], batch["loss_mask"])
+        return batch_nll(eval_model, (state["trainable"], state["lora"]), frozen, batch)
 
     def init_state(trainable: Any, lora_params: Any) -> dict:
         return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "lora": lora_params,
@@ -316,11 +309,11 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     dtype = jnp.dtype(config.dtype)
     # Shapes only: the weights live in the train state, not in the Model.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), start.params)
+    lora = lora_config(config)
     model = Model(model_config, shapes, dtype=dtype, attention=stage.attention,
-                  remat=config.remat, mesh=mesh)
+                  remat=config.remat, mesh=mesh, lora=lora)
     eval_model = dataclasses.replace(model, attention="xla" if stage.attention == "s2"
                                      else stage.attention, remat="none")
-    lora = lora_config(config)
     mask = lora_lib.trainable_mask(start.params, lora)
     trainable, frozen = lora_lib.split(start.params, mask)
     del start
@@ -337,7 +330,7 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                                                 "opt_state": tx.init((t, l))},
                                   trainable, lora_params)
         state_shardings = sharding.param_shardings(abstract, mesh, model_config.head_dim)
-    step_fns = make_step(model, eval_model, tx, lora, schedule, state_shardings)
+    step_fns = make_step(model, eval_model, tx, schedule, state_shardings)
     state = step_fns.init_state(trainable, lora_params)
     del trainable, lora_params
 

@@ -113,13 +113,13 @@ def test_bad_arguments_name_the_argument(model):
 
 def test_batching_is_exact_and_compiles_once(model, monkeypatch):
     traces = []
-    apply = model.apply
+    hidden = model.hidden
 
-    def counting_apply(*args, **kwargs):
+    def counting_hidden(*args, **kwargs):
         traces.append(args[1].shape)
-        return apply(*args, **kwargs)
+        return hidden(*args, **kwargs)
 
-    monkeypatch.setattr(model, "apply", counting_apply)
+    monkeypatch.setattr(model, "hidden", counting_hidden)
     docs = documents(30, 20, 41, 35, 17, 50, seed=1)  # 34 windows
     one = ev.sliding_window_nll(model, docs, window=12, stride=4, batch_size=1)
     three = ev.sliding_window_nll(model, docs, window=12, stride=4, batch_size=3)

@@ -89,6 +89,30 @@ def test_merge_math(model, dtype):
                                    x @ w + 3.0 * (x @ a) @ b, atol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o"), ("gate", "up", "down")])
+def test_adapters_inside_the_layers_equal_the_merged_model(model, targets):
+    """Model.apply(..., adapters=) computes x W + s (x A) B in every layer, without a merged
+    kernel: its logits and its gradients with respect to A and B equal the merged model's."""
+    cfg = lora.LoraConfig(rank=4, alpha=12.0, targets=targets)
+    adapters = randomized(lora.init(model.params, cfg, jax.random.key(4)))
+    ids = jax.random.randint(jax.random.key(5), (2, 24), 0, VOCAB)
+    with_lora = lx.Model(model.config, model.params, lora=cfg)
+
+    def inside(adapters):
+        return with_lora.apply(model.params, ids, adapters=adapters)
+
+    def merged(adapters):
+        return model.apply(lora.merge(model.params, adapters, cfg), ids)
+
+    np.testing.assert_allclose(inside(adapters), merged(adapters), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda a: jnp.sum(jnp.sin(f(a)))  # noqa: E731
+    for got, want in zip(jax.tree.leaves(jax.grad(loss(inside))(adapters)),
+                         jax.tree.leaves(jax.grad(loss(merged))(adapters))):
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+    with pytest.raises(ValueError, match="without a LoraConfig"):
+        model.apply(model.params, ids, adapters=adapters)
+
+
 def test_trainable_mask_split_combine():
     params = lx.Model.init(tiny_config(), jax.random.key(0)).params
     norms = {("layers", "attn_norm", "scale"), ("layers", "mlp_norm", "scale"), ("norm", "scale")}

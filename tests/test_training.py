@@ -133,7 +133,8 @@ def _toy_step(accum: int, lora: lora_lib.LoraConfig | None):
           else training.optimizer(default_config().optimizer, schedule))
     trainable, frozen = lora_lib.split(model.params, lora_lib.trainable_mask(model.params, lora))
     lora_params = {} if lora is None else lora_lib.init(model.params, lora, jax.random.key(1))
-    fns = training.make_step(model, model, tx, lora, schedule)
+    model = lx.Model(config, model.params, lora=lora)
+    fns = training.make_step(model, model, tx, schedule)
     state = fns.init_state(trainable, lora_params)
     return fns.train(state, frozen, batch), frozen, model.params
 

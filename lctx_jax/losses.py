@@ -1,0 +1,111 @@
+"""Next-token negative log-likelihood with the LM head applied in chunks: never [B, T, vocab].
+
+    nll = lx.next_token_nll(model, input_ids)                      # mean over scored tokens
+    total, count = nll_sum(hidden, head, targets, weights)         # what training sums
+
+For hidden states h [B, T, H] (after the final norm), the head W [H, V] and integer targets,
+
+    nll_t = logsumexp_v(h_t W) − (h_t W)[target_t],     total = Σ_t weights_t · nll_t,
+
+computed over chunks of tokens by a `lax.scan` whose step is rematerialised (`jax.checkpoint`):
+the forward keeps one chunk of f32 logits [B, c, V] at a time, and the backward recomputes each
+chunk's logits to form its softmax − one-hot cotangent, so neither pass holds [B, T, V]. The
+gradient of W accumulates in the scan's carry. Chunks are strided: chunk j holds tokens
+j, j + n, j + 2n, … (n chunks), so every chunk spans the whole sequence and stays split like it
+when T is sharded over the mesh's "sequence" axis (a [B, T] → [B, c, n] reshape keeps each
+device's contiguous token range on that device).
+
+Equal to the full-logits cross-entropy up to f32 rounding (the same logits, summed in another
+order): tests/test_losses.py checks value and gradients against optax on the full logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lctx_jax.model import Model, head_kernel, head_logits
+
+CHUNK_TOKENS = 1024  # tokens per row per chunk: [B, 1024, V] f32 logits live at once
+
+
+def num_chunks(length: int, chunk_tokens: int) -> int:
+    """The number of chunks n for T = `length` tokens: the smallest n with T/n <= chunk_tokens
+    that divides T, if T/n stays at least chunk_tokens/2; else ceil(T / chunk_tokens) (T is then
+    padded to a multiple of n)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens}")
+    least = -(-length // chunk_tokens)
+    for n in range(least, 2 * least + 1):
+        if length % n == 0:
+            return n
+    return least
+
+
+def nll_sum(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+            dtype: Any = jnp.float32, chunk_tokens: int = CHUNK_TOKENS
+            ) -> tuple[jax.Array, jax.Array]:
+    """(Σ weights · nll, Σ weights), f32 scalars. hidden [B, T, H]; head [H, V]; targets int
+    [B, T]; weights [B, T] (0 where a target does not count). `dtype`: the head matmul's
+    input dtype (f32 accumulation), as `lctx_jax.model.head_logits`."""
+    batch, length, width = hidden.shape
+    n = num_chunks(length, chunk_tokens)
+    padded = -(-length // n) * n
+    weights = weights.astype(jnp.float32)
+    if padded != length:  # padded tokens have weight 0
+        pad = [(0, 0), (0, padded - length)]
+        hidden = jnp.pad(hidden, pad + [(0, 0)])
+        targets, weights = jnp.pad(targets, pad), jnp.pad(weights, pad)
+
+    def chunks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, T/n, ...], strided
+        x = x.reshape(batch, padded // n, n, *x.shape[2:])
+        return jnp.moveaxis(x, 2, 0)
+
+    @jax.checkpoint
+    def step(total: jax.Array, chunk: tuple) -> tuple[jax.Array, None]:
+        h, target, weight = chunk
+        logits = head_logits(h, head, dtype)  # f32 [B, c, V]
+        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+        return total + jnp.sum(nll * weight), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32),
+                            (chunks(hidden), chunks(targets.astype(jnp.int32)), chunks(weights)))
+    return total, jnp.sum(weights)
+
+
+def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(targets, weights) [B, T] for next-token prediction within `input_ids`: position t
+    predicts input_ids[t + 1]; the last position, a target in another document (segment id
+    differs) and loss_mask[t] == 0 have weight 0."""
+    targets = jnp.pad(input_ids[:, 1:], [(0, 0), (0, 1)])
+    weights = jnp.ones(input_ids.shape, jnp.float32).at[:, -1].set(0.0)
+    if segment_ids is not None:
+        same = segment_ids[:, 1:] == segment_ids[:, :-1]
+        weights = weights * jnp.pad(same, [(0, 0), (0, 1)]).astype(jnp.float32)
+    if loss_mask is not None:
+        weights = weights * jnp.asarray(loss_mask, jnp.float32)
+    return targets, weights
+
+
+def next_token_nll(model: Model, input_ids: Any, params: Any = None, loss_mask: Any = None,
+                   positions: Any = None, segment_ids: Any = None,
+                   chunk_tokens: int = CHUNK_TOKENS) -> jax.Array:
+    """Mean next-token NLL (f32 scalar) of `model` on input_ids [B, T]: position t predicts
+    input_ids[t + 1]. Not counted: the last position, targets in another document (segment_ids
+    [B, T] differ) and positions with loss_mask [B, T] == 0. The LM head runs in chunks
+    (`nll_sum`), so [B, T, vocab] logits never exist. params: default model.params; pass them
+    to differentiate (jax.grad(lambda p: next_token_nll(model, ids, p))). Returns 0 when no
+    position counts."""
+    params = model.params if params is None else params
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    targets, weights = shifted_targets(input_ids, loss_mask, segment_ids)
+    hidden = model.hidden(params, input_ids, positions, segment_ids)
+    total, count = nll_sum(hidden, head_kernel(params, model.config), targets, weights,
+                           model.dtype, chunk_tokens)
+    return total / jnp.maximum(count, 1.0)
