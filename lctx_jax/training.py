@@ -77,10 +77,23 @@ def learning_rate(peak: float, steps: int, warmup_steps: int, schedule: str,
                                 [warmup_steps])
 
 
+DECAYED_LEAVES = ("kernel", "embedding")  # weight decay applies to leaves of these names
+
+
+def decay_mask(tree: Any) -> Any:
+    """True for the leaves weight decay applies to: projection kernels and embeddings, by the
+    leaf's name (norm scales, biases and LoRA adapters are not decayed, whatever their rank:
+    under nn.scan a norm scale is [layers, hidden])."""
+    def decayed(path: tuple, _: Any) -> bool:
+        last = path[-1]
+        return getattr(last, "key", getattr(last, "name", None)) in DECAYED_LEAVES
+    return jax.tree_util.tree_map_with_path(decayed, tree)
+
+
 def optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
               ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW; weight decay on matrices (kernels, embeddings) only."""
-    decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2 and x.shape[-2] > 1, tree)
+    """Global-norm clipping, then AdamW; weight decay on kernels and embeddings only
+    (`decay_mask`)."""
     adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                         weight_decay=opt.weight_decay, mask=decay_mask)
     if not opt.grad_clip:

@@ -139,6 +139,29 @@ def _toy_step(accum: int, lora: lora_lib.LoraConfig | None):
     return fns.train(state, frozen, batch), frozen, model.params
 
 
+def test_weight_decay_applies_to_kernels_and_embeddings_only():
+    config = lx.ModelConfig.from_hf({**TINY_MODEL, "attention_bias": True})
+    params = lx.Model.init(config, jax.random.key(0)).params
+    adapters = lora_lib.init(params, lora_lib.LoraConfig(rank=2), jax.random.key(1))
+
+    def by_path(tree):
+        return {"/".join(str(k.key) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    decayed = by_path(training.decay_mask(params))
+    assert {p for p, d in decayed.items() if d} == {
+        "embed/embedding", "lm_head/kernel",
+        *(f"layers/{n}/kernel" for n in ("q", "k", "v", "o", "gate", "up", "down"))}
+    assert params["layers"]["attn_norm"]["scale"].ndim == 2  # [L, H], yet not decayed
+    assert not any(jax.tree.leaves(training.decay_mask(adapters)))
+    # AdamW with a zero gradient moves exactly the decayed leaves
+    opt = default_config().optimizer
+    opt.weight_decay = 0.5
+    tx = training.optimizer(opt, 0.1)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert {p: bool(jnp.any(u != 0)) for p, u in by_path(updates).items()} == decayed
+
+
 def test_gradient_accumulation_matches_one_batch():
     (one, m1), _, _ = _toy_step(1, None)
     (two, m2), _, _ = _toy_step(2, None)
