@@ -21,10 +21,12 @@ owner. Per tile pair, with δ = rowsum(dout ⊙ out):
 A device holds its own chunk, the visiting one (two while a hop is in flight) and [bq, bk] score
 tiles: never T×T scores, nor all of K, V or their gradients.
 
-Tiles. Within a hop, queries and the visiting chunk are cut into tiles (`tile_size`; `lax.map`
-over q tiles, `lax.scan` over kv tiles). With `causal`, a tile pair whose smallest key position
+Tiles. Within a hop, queries and the visiting chunk are cut into tiles (`tile_size`), visited
+by two nested loops (q tiles, kv tiles). With `causal`, a tile pair whose smallest key position
 exceeds its largest query position (in every batch row) is skipped by `lax.cond`, so whole hops
 of invisible chunks cost nothing. `work_per_device` counts the pairs each device computes.
+Every loop here (hops and tiles) is a `lax.while_loop`, not a scan: see `_repeat` for why a
+layer-scanned model would otherwise keep O(T²/P) of masks and probabilities per device.
 
 Load balancing (causal only; a non-causal ring is balanced as it is). Contiguous chunks give the
 last device P times the work of the first. `scheme` reorders tokens along T before the ring and
@@ -296,13 +298,28 @@ def _forward_hops(cfg: _Config, step: Callable[[xla.Stats, Tree], xla.Stats],
                   stats: xla.Stats, kv: Tree) -> xla.Stats:
     """Folds the P chunks into `stats`: at hop s a device holds the chunk of device i − s.
     The next chunk's ppermute is issued alongside the current chunk's compute."""
-    def hop(carry: tuple, _: None) -> tuple[tuple, None]:
+    def hop(_: jax.Array, carry: tuple) -> tuple:
         stats, kv = carry
         next_kv = _pass_on(cfg, kv)  # in flight while this hop computes
-        return (step(stats, kv), next_kv), None
+        return step(stats, kv), next_kv
 
-    (stats, kv), _ = lax.scan(hop, (stats, kv), length=cfg.ring_size - 1)
+    stats, kv = _repeat(cfg.ring_size - 1, hop, (stats, kv))
     return step(stats, kv)  # the last chunk goes no further
+
+
+def _repeat(times: int, body: Callable[..., Tree], carry: Tree) -> Tree:
+    """carry = body(i, carry) for i = 0 .. times − 1, as a `lax.while_loop`, never a scan. Why: when the layers' `lax.scan` is differentiated, JAX
+    partially evaluates its body to hoist loop-invariant work out of it, and positions and
+    segment ids are loop-invariant there. A scan in here would be split into a known scan
+    (masks, cond predicates: functions of positions alone) and an unknown one, joined by their
+    per-iteration values stacked over every hop and tile pair, O(T²/P) per device. A while
+    loop is never split that way (it keeps no residuals), so the only residuals of a layer
+    stay the custom VJP's q, k, v, out and lse."""
+    def step(state: tuple) -> tuple:
+        i, carry = state
+        return i + 1, body(i, carry)
+
+    return lax.while_loop(lambda state: state[0] < times, step, (jnp.int32(0), carry))[1]
 
 
 def _backward_hops(cfg: _Config, step: Callable[[jax.Array, Tree], tuple[jax.Array, Tree]],
@@ -322,7 +339,7 @@ def _backward_hops(cfg: _Config, step: Callable[[jax.Array, Tree], tuple[jax.Arr
     d_q, own = step(d_q, kv)  # hop 0: the device's own chunk, nothing arrived yet
     carry = (d_q, next_kv, own)
     if size > 2:
-        carry, _ = lax.scan(lambda c, _: (hop(c, True), None), carry, length=size - 2)
+        carry = _repeat(size - 2, lambda _, c: hop(c, True), carry)
     if size > 1:
         carry = hop(carry, False)
     d_q, _, d_kv = carry
@@ -335,21 +352,21 @@ def _backward_hops(cfg: _Config, step: Callable[[jax.Array, Tree], tuple[jax.Arr
 def _forward_step(cfg: _Config, q_tiles: tuple, stats: xla.Stats, kv: tuple) -> xla.Stats:
     """Folds one visiting chunk into every q tile's stats: q tiles [n, b, bq, Hkv, G, D] with
     positions and segment ids [n, b, bq]; kv tiles [n, b, bk, Hkv, D], [n, b, bk]."""
-    def q_tile(args: tuple) -> xla.Stats:
-        stats, q, q_pos, q_seg = args
+    def q_tile(i: jax.Array, stats: xla.Stats) -> xla.Stats:
+        q, q_pos, q_seg = _tile(q_tiles, i)
 
-        def kv_tile(stats: xla.Stats, kv_tile: tuple) -> tuple[xla.Stats, None]:
-            k, v, kv_pos, kv_seg = kv_tile
+        def kv_tile(j: jax.Array, tile_stats: xla.Stats) -> xla.Stats:
+            k, v, kv_pos, kv_seg = _tile(kv, j)
 
-            def fold(stats: xla.Stats) -> xla.Stats:
+            def fold(tile_stats: xla.Stats) -> xla.Stats:
                 visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=cfg.causal)
-                return xla.online_softmax_step(stats, q, k, v, visible, cfg.scale)
+                return xla.online_softmax_step(tile_stats, q, k, v, visible, cfg.scale)
 
-            return _unless_hidden(cfg, q_pos, kv_pos, fold, stats), None
+            return _unless_hidden(cfg, q_pos, kv_pos, fold, tile_stats)
 
-        return lax.scan(kv_tile, stats, kv)[0]
+        return _set_tile(stats, i, _repeat(_count(kv), kv_tile, _tile(stats, i)))
 
-    return lax.map(q_tile, (stats, *q_tiles))
+    return _repeat(_count(q_tiles), q_tile, stats)
 
 
 def _backward_step(cfg: _Config, q_side: tuple, d_q: jax.Array, kv: tuple
@@ -357,27 +374,45 @@ def _backward_step(cfg: _Config, q_side: tuple, d_q: jax.Array, kv: tuple
     """dq [n, b, bq, Hkv, G, D] f32 updated with one visiting chunk, and the chunk's dK, dV
     contribution [n, b, bk, Hkv, D] f32. q_side: q tiles, positions, segment ids, dout tiles,
     lse and δ [n, b, Hkv, G, bq]."""
-    def kv_tile(d_q: jax.Array, kv_tile: tuple) -> tuple[jax.Array, tuple]:
-        k, v, kv_pos, kv_seg = kv_tile
+    def kv_tile(j: jax.Array, carry: tuple) -> tuple:
+        d_q, d_kv = carry
+        k, v, kv_pos, kv_seg = _tile(kv, j)
 
-        def q_tile(d_kv: tuple, args: tuple) -> tuple[tuple, jax.Array]:
-            d_q, q, q_pos, q_seg, d_out, lse, delta = args
+        def q_tile(i: jax.Array, carry: tuple) -> tuple:
+            d_q, tile_d_kv = carry
+            q, q_pos, q_seg, d_out, lse, delta = _tile(q_side, i)
 
-            def grads(carry: tuple) -> tuple:
-                d_q, (d_k, d_v) = carry
+            def grads(tile_grads: tuple) -> tuple:
+                tile_d_q, (d_k, d_v) = tile_grads
                 visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=cfg.causal)
-                tile_dq, tile_dk, tile_dv = _tile_grads(q, k, v, d_out, lse, delta, visible,
-                                                        cfg.scale)
-                return d_q + tile_dq, (d_k + tile_dk, d_v + tile_dv)
+                dq, dk, dv = _tile_grads(q, k, v, d_out, lse, delta, visible, cfg.scale)
+                return tile_d_q + dq, (d_k + dk, d_v + dv)
 
-            d_q, d_kv = _unless_hidden(cfg, q_pos, kv_pos, grads, (d_q, d_kv))
-            return d_kv, d_q
+            tile_d_q, tile_d_kv = _unless_hidden(cfg, q_pos, kv_pos, grads,
+                                                 (_tile(d_q, i), tile_d_kv))
+            return _set_tile(d_q, i, tile_d_q), tile_d_kv
 
-        zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (k, v))
-        d_kv, d_q = lax.scan(q_tile, _varying(cfg, zeros), (d_q, *q_side))
-        return d_q, d_kv
+        zeros = _varying(cfg, tuple(jnp.zeros(x.shape, jnp.float32) for x in (k, v)))
+        d_q, tile_d_kv = _repeat(_count(q_side), q_tile, (d_q, zeros))
+        return d_q, _set_tile(d_kv, j, tile_d_kv)
 
-    return lax.scan(kv_tile, d_q, kv)
+    d_kv = _varying(cfg, tuple(jnp.zeros(x.shape, jnp.float32) for x in kv[:2]))
+    return _repeat(_count(kv), kv_tile, (d_q, d_kv))
+
+
+def _count(tiles: Tree) -> int:
+    """The number of tiles n of [n, ...] arrays."""
+    return jax.tree.leaves(tiles)[0].shape[0]
+
+
+def _tile(tiles: Tree, i: jax.Array) -> Tree:
+    """Tile i of every [n, ...] array (None stays None)."""
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, keepdims=False), tiles)
+
+
+def _set_tile(tiles: Tree, i: jax.Array, values: Tree) -> Tree:
+    """`tiles` with tile i replaced by `values` (in place inside the loops)."""
+    return jax.tree.map(lambda x, y: lax.dynamic_update_index_in_dim(x, y, i, 0), tiles, values)
 
 
 def _tile_grads(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
