@@ -132,7 +132,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
 # ----------------------------------------------------------------------------- specs
 
 
-def _axes(entry: Any) -> tuple[str, ...]:
+def axes_of(entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
     if entry is None:
         return ()
     return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -155,7 +156,7 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh,
         count = shape[dim] // unit if shape[dim] % unit == 0 else shape[dim]
         kept: list[str] = []
         split = 1
-        for axis in _axes(entry):
+        for axis in axes_of(entry):
             size = mesh.shape.get(axis)
             if size is not None and axis not in kept and count % (split * size) == 0:
                 kept.append(axis)

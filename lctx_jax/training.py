@@ -309,6 +309,69 @@ def _start_model(config: ml_collections.ConfigDict, previous: pathlib.Path | Non
     return Model(model_config, params, mesh=mesh)
 
 
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """How one stage trains, built from parameter shapes alone (train.py's run and
+    `--compile_only` share it): the model with the stage's RoPE scaling, attention, remat, mesh
+    and LoRA (its params are shapes; the weights live in the train state), the trainable mask,
+    the optimizer, the compiled step functions and the shardings of their inputs."""
+
+    model: Model
+    eval_model: Model
+    mask: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    step: Step
+    state_shardings: Any
+    batch_sharding: Any
+
+    @property
+    def lora(self) -> lora_lib.LoraConfig | None:
+        return self.model.lora
+
+
+def stage_model_config(config: ml_collections.ConfigDict, index: int, base_hf: dict
+                       ) -> ModelConfig:
+    """The architecture with stage `index`'s RoPE scaling."""
+    scaling = rope_scaling_dict(config.stages[index].rope_scaling,
+                                f"config.stages[{index}].rope_scaling")
+    return ModelConfig.from_hf(base_hf, scaling)
+
+
+def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: ModelConfig,
+               param_shapes: Any, mesh: Any) -> StagePlan:
+    """The StagePlan of stage `index` for parameters of `param_shapes` (arrays or
+    ShapeDtypeStructs) on `mesh` (None: one device)."""
+    stage = config.stages[index]
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), param_shapes)
+    lora = lora_config(config)
+    model = Model(model_config, shapes, dtype=jnp.dtype(config.dtype),
+                  attention=stage.attention, remat=config.remat, mesh=mesh, lora=lora)
+    eval_model = dataclasses.replace(model, attention="xla" if stage.attention == "s2"
+                                     else stage.attention, remat="none")
+    mask = lora_lib.trainable_mask(shapes, lora)
+    schedule = learning_rate(stage.lr, stage.steps, stage.warmup_steps, stage.schedule,
+                             config.optimizer.min_lr_ratio)
+    tx = optimizer(config.optimizer, schedule)
+    state_shardings = None
+    if mesh is not None:
+        trainable, _ = lora_lib.split(shapes, mask)
+        abstract = jax.eval_shape(lambda t, l: {"step": jnp.zeros((), jnp.int32),
+                                                "trainable": t, "lora": l,
+                                                "opt_state": tx.init((t, l))},
+                                  trainable, _lora_shapes(shapes, lora))
+        state_shardings = sharding.param_shardings(abstract, mesh, model_config.head_dim)
+    return StagePlan(model, eval_model, mask, tx, schedule,
+                     make_step(model, eval_model, tx, schedule, state_shardings),
+                     state_shardings, _batch_sharding(mesh, stage))
+
+
+def _lora_shapes(param_shapes: Any, lora: lora_lib.LoraConfig | None) -> Any:
+    if lora is None:
+        return {}
+    return jax.eval_shape(lambda: lora_lib.init(param_shapes, lora, jax.random.key(0)))
+
+
 def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                  previous: pathlib.Path | None, base_hf: dict, tokenizer: data.Tokenizer,
                  manager: ocp.CheckpointManager, logger: "_Logger", run_dir: pathlib.Path
@@ -316,34 +379,15 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     stage = config.stages[index]
     started = time.perf_counter()
     mesh = _mesh(config)
-    scaling = rope_scaling_dict(stage.rope_scaling, f"config.stages[{index}].rope_scaling")
-    model_config = ModelConfig.from_hf(base_hf, scaling)
+    model_config = stage_model_config(config, index, base_hf)
     start = _start_model(config, previous, model_config, mesh)
-    dtype = jnp.dtype(config.dtype)
-    # Shapes only: the weights live in the train state, not in the Model.
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), start.params)
-    lora = lora_config(config)
-    model = Model(model_config, shapes, dtype=dtype, attention=stage.attention,
-                  remat=config.remat, mesh=mesh, lora=lora)
-    eval_model = dataclasses.replace(model, attention="xla" if stage.attention == "s2"
-                                     else stage.attention, remat="none")
-    mask = lora_lib.trainable_mask(start.params, lora)
-    trainable, frozen = lora_lib.split(start.params, mask)
+    plan = plan_stage(config, index, model_config, start.params, mesh)
+    step_fns, lora = plan.step, plan.lora
+    trainable, frozen = lora_lib.split(start.params, plan.mask)
     del start
     lora_params = ({} if lora is None else
                    lora_lib.init(lora_lib.combine(trainable, frozen), lora,
                                  jax.random.key(config.seed + 1000 + index)))
-    schedule = learning_rate(stage.lr, stage.steps, stage.warmup_steps, stage.schedule,
-                             config.optimizer.min_lr_ratio)
-    tx = optimizer(config.optimizer, schedule)
-    state_shardings = None
-    if mesh is not None:
-        abstract = jax.eval_shape(lambda t, l: {"step": jnp.zeros((), jnp.int32),
-                                                "trainable": t, "lora": l,
-                                                "opt_state": tx.init((t, l))},
-                                  trainable, lora_params)
-        state_shardings = sharding.param_shardings(abstract, mesh, model_config.head_dim)
-    step_fns = make_step(model, eval_model, tx, schedule, state_shardings)
     state = step_fns.init_state(trainable, lora_params)
     del trainable, lora_params
 
@@ -371,9 +415,8 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     progress = logger.progress(stage.name, stage.steps, done)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps, last_loss, rate, mfu = time.perf_counter(), 0, None, None, None
-    batch_sharding = _batch_sharding(mesh, stage)
     for step in range(done, stage.steps):
-        batch = _to_device(next(batches), stage.grad_accum, batch_sharding)
+        batch = _to_device(next(batches), stage.grad_accum, plan.batch_sharding)
         state, metrics = step_fns.train(state, frozen, batch)
         pending.append((offset + step + 1, metrics))
         window_steps += 1

@@ -9,6 +9,7 @@ rotates in-kernel with the same `rope.rotation`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -52,7 +53,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
     self-attention only, S == T; queries see keys only within groups of `group_size` tokens
     (by index; even, dividing T; default T/4), shifted by half a group for the second half of
     the query heads; `block_size` as for "xla", within each group). group_size: "s2" only.
-    mesh: for "ring"; unused by "xla", "flash" and "s2".
+    mesh: for "ring" (required) and "flash" (the kernel runs under a shard_map over the batch
+    and head axes: `flash.attend_on_mesh`); unused by "xla" and "s2".
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of "
@@ -76,10 +78,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
             "frequencies, as the LongRoPE search uses) runs with impl 'xla': use "
             "attention='xla' for the search")
     if impl == "flash":
-        return flash.attend(q, k, v, causal=causal, positions=positions,
-                            kv_positions=kv_positions, segment_ids=segment_ids,
-                            kv_segment_ids=kv_segment_ids, scale=scale, rope=rope,
-                            block_size=block_size)
+        run = flash.attend if mesh is None else functools.partial(flash.attend_on_mesh,
+                                                                  mesh=mesh)
+        return run(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
+                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+                   rope=rope, block_size=block_size)
     if impl == "ring":
         return ring.attend(q, k, v, mesh=mesh, positions=positions, kv_positions=kv_positions,
                            segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,

@@ -47,6 +47,11 @@ padded queries dropped. Two drivers run the same block math (`_fwd_step`, `_dq_s
 Grouped-query attention: the k/v index maps send query head h to kv head h // G (in the dk/dv
 kernel, kv head g and group member gi to query head g·G + gi), so k and v are never repeated.
 
+On a mesh (`attend_on_mesh`, what `attend(impl="flash", mesh=...)` and the model call): the
+kernel runs under a `shard_map` over the batch axes and the heads ("tensor", whole GQA groups
+per device), since GSPMD cannot partition a Mosaic or Triton custom call; a mesh that splits
+"sequence" is refused (that is attention="ring"'s job).
+
 Backends. CPU: `interpret=True` (what the tests run). TPU: Mosaic, `pltpu.CompilerParams`
 dimension semantics, `pltpu.roll` for rotate-half. GPU: Triton (`plgpu.CompilerParams`): head
 dims padded to a power of two >= 16, blocks powers of two >= 16, rotate-half as an exact matmul
@@ -71,14 +76,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
 
-from lctx_jax import rope as rope_lib
+from lctx_jax import rope as rope_lib, sharding
 
 # Default (block_q, block_k) per backend. In interpret mode every grid step is one iteration of
 # an XLA loop, so fewer, larger blocks are faster.
@@ -127,13 +134,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
            kv_segment_ids: jax.Array | None, scale: float,
            rope: rope_lib.RopeConfig | None = None, block_size: int | None = None,
            block_q: int | None = None, block_k: int | None = None, backend: str | None = None,
-           driver: str | None = None) -> jax.Array:
+           driver: str | None = None, seq_len: jax.Array | None = None) -> jax.Array:
     """q [B, T, Hq, D] and k, v [B, S, Hkv, D], un-rotated; positions [B, T], kv_positions
     [B, S] int; segment ids [B, T], [B, S] or both None -> [B, T, Hq, D] in q's dtype.
 
     block_size sets block_q and block_k together (block_q / block_k override it). backend:
     "cpu" | "gpu" | "tpu", default jax.default_backend(); "cpu" runs the kernels interpreted.
     driver: "grid" | "loop" (see the module docstring), default "loop" on GPU, else "grid".
+    seq_len: the rotation's sequence length (dynamic NTK, LongRoPE), default max position + 1.
     """
     backend = backend or jax.default_backend()
     if backend not in DEFAULT_BLOCKS:
@@ -182,7 +190,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
 
     freqs, rope_static = None, None
     if rope is not None:
-        seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
+        if seq_len is None:
+            seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
         inv_freq, factor = rope_lib.frequencies(rope, seq_len)
         lanes = qk_dim // 2
         freqs = (_pad_freqs(inv_freq, lanes),)
@@ -197,6 +206,48 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
                   rope=rope_static, backend=backend, driver=driver)
     out = _flash(cfg, qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds)
     return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim]
+
+
+def attend_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any,
+                   positions: jax.Array, kv_positions: jax.Array,
+                   segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                   rope: rope_lib.RopeConfig | None, **kwargs: Any) -> jax.Array:
+    """`attend` on every device of `mesh` for its own rows and heads: a `shard_map` over the
+    batch axes ("data", "fsdp") and the heads ("tensor", when it divides both the query and
+    the key/value heads, so each device keeps whole GQA groups: query heads h·G .. h·G + G − 1
+    with their key/value head h). GSPMD cannot partition a Mosaic or Triton kernel, so the
+    call must not reach it bare. The kernel runs for the mesh's platform (a compile-only TPU
+    topology included), and the rotation's sequence length is the maximum over all rows.
+
+    A mesh that splits "sequence" is refused: flash attends whole sequences per device, and
+    gathering the keys of every device is what attention="ring" avoids.
+    """
+    if mesh.shape.get(sharding.SEQUENCE_AXIS, 1) > 1:
+        raise ValueError(
+            f"attention='flash' needs every sequence whole on a device, but the mesh splits "
+            f"tokens over 'sequence' ({mesh.shape[sharding.SEQUENCE_AXIS]} devices); use "
+            "attention='ring' (sequence parallel), or a mesh with sequence=1")
+    batch_spec = sharding.fit_spec(PartitionSpec(sharding.BATCH_AXES), q.shape[:1], mesh)
+    batch_axes = tuple(a for entry in batch_spec for a in sharding.axes_of(entry))
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
+    rows = PartitionSpec(*batch_spec, None) if batch_axes else PartitionSpec()
+    heads_spec = PartitionSpec(batch_axes or None, None, heads, None)
+    backend = mesh.devices.flat[0].platform
+
+    def local(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids):
+        seq_len = None
+        if rope is not None:
+            seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
+            if batch_axes:
+                seq_len = lax.pmax(seq_len, batch_axes)
+        return attend(q, k, v, positions=positions, kv_positions=kv_positions,
+                      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, rope=rope,
+                      backend=backend, seq_len=seq_len, **kwargs)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads_spec,) * 3 + (rows,) * 4,
+                         out_specs=heads_spec, check_vma=False)(
+        q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)
 
 
 def _block_size(block: int, length: int, backend: str, name: str) -> int:
