@@ -45,7 +45,7 @@ def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
         raise
 
 
-def _abstract_params(config: ModelConfig, param_dtype: Any, mesh: Any) -> Any:
+def abstract_params(config: ModelConfig, param_dtype: Any, mesh: Any) -> Any:
     """Shapes and dtypes of the parameter tree, each leaf carrying the sharding to restore into:
     the sharding rules' on a mesh (`lctx_jax.sharding`), else the first device."""
     ids = jnp.zeros((1, 1), jnp.int32)
@@ -83,7 +83,7 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
     config = ModelConfig.from_hf(hf)
-    target = _abstract_params(config, jnp.dtype(meta["param_dtype"]), mesh)
+    target = abstract_params(config, jnp.dtype(meta["param_dtype"]), mesh)
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as err:  # orbax raises many types for damaged files

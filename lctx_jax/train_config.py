@@ -44,6 +44,7 @@ from typing import Any
 
 import ml_collections
 
+from lctx_jax import architectures
 from lctx_jax.attention import IMPLEMENTATIONS
 from lctx_jax.lora import LoraConfig
 from lctx_jax.model import REMAT_POLICIES, ModelConfig
@@ -145,14 +146,23 @@ def rope_scaling_dict(value: Any, field: str) -> dict[str, Any] | None:
     raise ConfigError(f"{field}: expected None, a dict or a JSON file path, got {value!r}")
 
 
-def base_hf_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config.json dict training starts from: init_from's, or `model` from scratch."""
+def base_hf_config(config: ml_collections.ConfigDict, published: bool = False
+                   ) -> dict[str, Any]:
+    """The config.json dict training starts from: init_from's, or `model` from scratch.
+    published: when init_from holds no config.json yet, take the architecture of the published
+    checkpoint it names (`lctx_jax.architectures`), as `--compile_only` does."""
     if config.init_from:
         path = pathlib.Path(config.init_from).expanduser() / "config.json"
         if not path.is_file():
+            shipped = architectures.published(config.init_from) if published else None
+            if shipped is not None:
+                return shipped
+            known = (f"; --compile_only also knows {sorted(architectures.PUBLISHED)} by "
+                     "directory name" if published else "")
             raise ConfigError(f"config.init_from: {path} does not exist; init_from must be an HF "
                               "checkpoint dir (config.json + *.safetensors) or an lctx_jax "
-                              "checkpoint dir, or \"\" to train from scratch with config.model")
+                              "checkpoint dir, or \"\" to train from scratch with config.model"
+                              + known)
         hf = json.loads(path.read_text())
         hf.pop("lctx_jax", None)
         return hf
@@ -162,8 +172,10 @@ def base_hf_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return plain(config.model)
 
 
-def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
-    """Raises ConfigError for the first bad field, before anything is loaded or compiled."""
+def validate(config: ml_collections.ConfigDict, process_count: int = 1,
+             published: bool = False) -> None:
+    """Raises ConfigError for the first bad field, before anything is loaded or compiled.
+    published: as for `base_hf_config` (`--compile_only` needs no checkpoint or tokenizer)."""
     # Extra scalar fields are a recipe's own knobs, referenced by its stages (get_ref).
     unknown = {key for key in set(config.keys()) - set(default_config().keys())
                if not isinstance(config[key], (bool, int, float, str))}
@@ -191,10 +203,10 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     if config.optimizer.grad_clip < 0 or not 0 <= config.optimizer.min_lr_ratio <= 1:
         raise ConfigError("config.optimizer: grad_clip must be >= 0 (0 = off) and min_lr_ratio "
                           "in [0, 1]")
-    if not config.tokenizer and not config.init_from:
+    if not config.tokenizer and not config.init_from and not published:
         raise ConfigError("config.tokenizer: give a sentencepiece model path (with "
                           "config.tokenizer_vocab_size > 0 one is trained there if missing)")
-    base = base_hf_config(config)
+    base = base_hf_config(config, published)
     try:
         model = ModelConfig.from_hf(base)
     except (KeyError, ValueError) as err:
