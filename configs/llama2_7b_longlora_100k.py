@@ -20,6 +20,6 @@ def get_config():
     c.lora.targets = ("q", "k", "v", "o")
     c.lora.trainable = ("embed", "norm")
     c.stages = [stage("longlora100k", seq_len=100000, batch_size=64, steps=1000, lr=2e-5,
-                      warmup_steps=20, attention="s2",
+                      warmup_steps=20, attention="s2", grad_accum=8,
                       rope_scaling={"rope_type": "linear", "factor": 25.0})]
     return c

@@ -23,8 +23,10 @@ def get_config():
     c.factors_256k = "search/longrope_256k.json"
     c.stages = [
         stage("longrope128k", seq_len=131072, batch_size=32, steps=400, lr=2e-5,
-              schedule="linear", attention="ring", rope_scaling=c.get_ref("factors_128k")),
+              schedule="linear", attention="ring", grad_accum=4,
+              rope_scaling=c.get_ref("factors_128k")),
         stage("longrope256k", seq_len=262144, batch_size=32, steps=600, lr=2e-5,
-              schedule="linear", attention="ring", rope_scaling=c.get_ref("factors_256k")),
+              schedule="linear", attention="ring", grad_accum=4,
+              rope_scaling=c.get_ref("factors_256k")),
     ]
     return c

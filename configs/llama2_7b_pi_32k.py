@@ -15,6 +15,6 @@ from lctx_jax.train_config import pod_config, stage
 def get_config():
     c = pod_config("checkpoints/Llama-2-7b-hf", "runs/llama2_7b_pi_32k")
     c.stages = [stage("pi32k", seq_len=32768, batch_size=64, steps=1000, lr=2e-5,
-                      warmup_steps=20, attention="flash",
+                      warmup_steps=20, attention="flash", grad_accum=4,
                       rope_scaling={"rope_type": "linear", "factor": 8.0})]
     return c

@@ -16,7 +16,7 @@ def get_config():
     c = pod_config("checkpoints/Llama-2-7b-hf", "runs/llama2_7b_yarn_64k")
     c.mesh.sequence = 4
     c.stages = [stage("yarn64k", seq_len=65536, batch_size=64, steps=400, lr=2e-5,
-                      warmup_steps=20, attention="ring",
+                      warmup_steps=20, attention="ring", grad_accum=8,
                       rope_scaling={"rope_type": "yarn", "factor": 16.0,
                                     "original_max_position_embeddings": 4096})]
     return c

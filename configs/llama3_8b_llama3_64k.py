@@ -15,7 +15,7 @@ def get_config():
     c = pod_config("checkpoints/Meta-Llama-3-8B", "runs/llama3_8b_llama3_64k")
     c.mesh.sequence = 4
     c.stages = [stage("llama3_64k", seq_len=65536, batch_size=64, steps=400, lr=2e-5,
-                      warmup_steps=20, attention="ring",
+                      warmup_steps=20, attention="ring", grad_accum=8,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 8192})]

@@ -15,7 +15,7 @@ def get_config():
     c = pod_config("checkpoints/Mistral-7B-v0.1", "runs/mistral_7b_yarn_64k")
     c.mesh.sequence = 4
     c.stages = [stage("yarn64k", seq_len=65536, batch_size=64, steps=400, lr=2e-5,
-                      warmup_steps=20, attention="ring",
+                      warmup_steps=20, attention="ring", grad_accum=8,
                       rope_scaling={"rope_type": "yarn", "factor": 8.0,
                                     "original_max_position_embeddings": 8192})]
     return c

@@ -23,7 +23,10 @@ buffers.
 from __future__ import annotations
 
 import dataclasses
+import math
+import pathlib
 import re
+import tempfile
 from typing import Any
 
 import jax
@@ -103,7 +106,7 @@ class StageReport:
     train: Footprint
     eval: Footprint | None
     hbm: int
-    largest: list[str]  # the program's largest arrays, when it does not fit
+    largest: list[str]  # XLA's largest buffers of a program that does not fit
 
     @property
     def peak(self) -> int:
@@ -118,6 +121,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[Stage
     """Compiles every stage's train (and eval) step for `topology`; prints a report per stage
     and a last line that starts with "fit:" or "does not fit:"."""
     jax.config.update("jax_platforms", "cpu")  # no local accelerator is needed or wanted
+    config = _without_missing_rope_files(config)
     devices = topology_devices(topology)
     hosts = len({d.process_index for d in devices})
     validate(config, hosts, published=True)
@@ -146,6 +150,22 @@ def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[Stage
     return reports
 
 
+def _without_missing_rope_files(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` in which a stage whose rope_scaling names a JSON file that does not
+    exist yet (LongRoPE factors a search will write) keeps the base model's RoPE: every RoPE
+    method costs the same memory (one rotation per position), so the sizing is unchanged."""
+    config = ml_collections.ConfigDict(plain(config))
+    config.stages = [ml_collections.ConfigDict(stage) for stage in config.stages]
+    for index, stage in enumerate(config.stages):
+        if isinstance(stage.rope_scaling, str) and not pathlib.Path(
+                stage.rope_scaling).expanduser().is_file():
+            print(f"note: config.stages[{index}].rope_scaling {stage.rope_scaling!r} does not "
+                  "exist yet; sized with the base model's RoPE (memory does not depend on the "
+                  "RoPE method)", flush=True)
+            stage.rope_scaling = None
+    return config
+
+
 def _mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
     m = config.mesh
     if m.num_devices:
@@ -169,20 +189,54 @@ def _compile_stage(config: ml_collections.ConfigDict, index: int, base_hf: dict,
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, plan.state_shardings)
     batch = _abstract_batch(stage, stage.grad_accum, plan.batch_sharding)
-    train = plan.step.train.lower(state, frozen, batch).compile()
+    train, largest = _measure(plan.step.train.lower(state, frozen, batch),
+                              _per_chip_bytes((state, frozen, batch)), hbm)
     evaluated = None
     if config.eval_batches:
         eval_batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_drop_first(
                 x.sharding)), _abstract_batch(stage, 1, plan.batch_sharding))
-        evaluated = plan.step.eval.lower(state, frozen, eval_batch).compile()
-    train_fp = Footprint.of(train)
-    eval_fp = Footprint.of(evaluated) if evaluated is not None else None
-    report = StageReport(stage.name, train_fp, eval_fp, hbm, [])
-    if not report.fits:
-        worst = train if eval_fp is None or train_fp.peak >= eval_fp.peak else evaluated
-        report = dataclasses.replace(report, largest=largest_buffers(worst.as_text()))
-    return report
+        evaluated, eval_largest = _measure(plan.step.eval.lower(state, frozen, eval_batch),
+                                           _per_chip_bytes((state, frozen, eval_batch)), hbm)
+        if not largest:
+            largest = eval_largest
+    return StageReport(stage.name, train, evaluated, hbm, largest)
+
+
+def _measure(lowered: Any, argument_bytes: int, hbm: int) -> tuple[Footprint, list[str]]:
+    """(footprint, largest buffers) of a lowered step. A program that does not fit is compiled
+    once more with an XLA dump, whose memory-usage report (XLA's buffer assignment) names its
+    largest buffers. When XLA itself stops because the temporaries exceed HBM, the footprint
+    takes the temporaries from that report and the arguments from the inputs' shardings."""
+    footprint = None
+    try:
+        footprint = Footprint.of(lowered.compile())
+        if footprint.peak <= hbm:
+            return footprint, []
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            lowered.compile({"xla_dump_to": dump})
+        except jax.errors.JaxRuntimeError:
+            pass  # the dump is written before XLA gives up
+        reports = sorted(pathlib.Path(dump).glob("*memory-usage-report.txt"))
+        text = reports[-1].read_text() if reports else ""
+    total = re.search(r"Total bytes: (\d+)", text)
+    if footprint is None:
+        footprint = Footprint(argument_bytes, 0, 0, int(total.group(1)) if total else 0, 0)
+    rows = re.findall(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+\w+);\s*\d+;\s*\d+;\s*(.*)$",
+                      text, flags=re.MULTILINE)
+    return footprint, [f"{size}: {shapes[:160]}" for size, shapes in rows[:5]]
+
+
+def _per_chip_bytes(tree: Any) -> int:
+    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings."""
+    def leaf(x: jax.ShapeDtypeStruct) -> int:
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return sum(leaf(x) for x in jax.tree.leaves(tree))
 
 
 def _abstract_batch(stage: ml_collections.ConfigDict, accum: int, batch_sharding: Any
@@ -199,39 +253,6 @@ def _drop_first(named: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding
     return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*named.spec[1:]))
 
 
-_HLO_ARRAY = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
-def largest_buffers(hlo_text: str, count: int = 5) -> list[str]:
-    """The `count` largest arrays an optimized (per-chip) HLO program produces, as
-    "12.0 GiB bf16[...] <op name>" lines: where to look when a step does not fit. (Arrays, not
-    XLA's final buffer assignment: two of them may share memory.)"""
-    found = []
-    for line in hlo_text.splitlines():
-        match = _HLO_ARRAY.match(line)
-        if not match or match.group(2) not in _BYTES:
-            continue
-        dims = [int(d) for d in match.group(3).split(",") if d]
-        size = _BYTES[match.group(2)]
-        for d in dims:
-            size *= d
-        op = _OP_NAME.search(line)
-        found.append((size, f"{match.group(2)}[{match.group(3)}]",
-                      op.group(1) if op else match.group(1)))
-    found.sort(key=lambda item: -item[0])
-    out, seen = [], set()
-    for size, shape, name in found:
-        if (shape, name) not in seen:
-            seen.add((shape, name))
-            out.append(f"{size / GIB:.2f} GiB {shape} {name}")
-        if len(out) == count:
-            break
-    return out
-
-
 def _describe(stage: ml_collections.ConfigDict, report: StageReport) -> str:
     def line(what: str, fp: Footprint) -> str:
         return (f"  {what}: arguments {fp.arguments / GIB:.2f} GiB, temporaries "
@@ -245,6 +266,6 @@ def _describe(stage: ml_collections.ConfigDict, report: StageReport) -> str:
     if report.eval is not None:
         lines.append(line("eval step", report.eval))
     if report.largest:
-        lines.append("  largest arrays of the program:")
+        lines.append("  largest buffers (XLA's buffer assignment, per chip):")
         lines += [f"    {item}" for item in report.largest]
     return "\n".join(lines)

@@ -488,10 +488,13 @@ def _to_device(host: dict, accum: int, batch_sharding: Any) -> dict:
 def _evaluate(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
               tokenizer: data.Tokenizer, step_fns: Step, state: dict, frozen: Any,
               mesh: Any) -> float | None:
-    """Mean validation loss over `eval_batches` batches at the stage's length (full attention)."""
+    """Mean validation loss over `eval_batches` batches at the stage's length (full attention),
+    each of the training micro-batch's rows (batch_size / grad_accum), so that evaluating needs
+    no more memory than a training micro-step."""
     if not config.eval_batches:
         return None
     eval_stage = ml_collections.ConfigDict(plain(stage))
+    eval_stage.batch_size = stage.batch_size // stage.grad_accum
     eval_stage.grad_accum = 1
     eval_stage.min_doc_tokens = 0
     batches = _batches(config, eval_stage, tokenizer, config.data.eval_split, 0)
