@@ -120,11 +120,10 @@ class StageReport:
 def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[StageReport]:
     """Compiles every stage's train (and eval) step for `topology`; prints a report per stage
     and a last line that starts with "fit:" or "does not fit:"."""
-    jax.config.update("jax_platforms", "cpu")  # no local accelerator is needed or wanted
     config = _without_missing_rope_files(config)
     devices = topology_devices(topology)
     hosts = len({d.process_index for d in devices})
-    validate(config, hosts, published=True)
+    validate(config, published=True)
     hbm = int(HBM_GIB.get(devices[0].device_kind, 0) * GIB)
     if not hbm:
         raise ConfigError(f"--compile_only={topology!r}: unknown HBM for {devices[0].device_kind}")
@@ -189,6 +188,7 @@ def _compile_stage(config: ml_collections.ConfigDict, index: int, base_hf: dict,
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, plan.state_shardings)
     batch = _abstract_batch(stage, stage.grad_accum, plan.batch_sharding)
+    training.host_part(plan.batch_sharding, batch["input_ids"].shape, 0)  # hosts can feed it
     train, largest = _measure(plan.step.train.lower(state, frozen, batch),
                               _per_chip_bytes((state, frozen, batch)), hbm)
     evaluated = None

@@ -1,48 +1,59 @@
-"""Orbax checkpoints of a Model: `save(model, dir)` and `load(dir, mesh=None)`.
+"""Orbax checkpoints of a Model: `save(model, dir)` and `load(dir, mesh=None)`, on local disks
+or object stores (gs://), from one process or from every process of a multi-host run.
 
-A checkpoint directory holds config.json (the HF config plus an "lctx_jax" entry with the
-parameter dtype) and params/ (Orbax). Everything is first written to a sibling temporary
-directory and renamed into place at the end, so a directory under the final name is always
-complete; a killed save leaves only `<dir>.tmp-*`, which `load` reports.
+A checkpoint directory holds params/ (Orbax) and config.json (the HF config plus an "lctx_jax"
+entry with the parameter dtype). params/ is written by Orbax with its own commit protocol (a
+temporary directory renamed when complete on a local disk, a commit marker on GCS), every
+process writing its own shards into that one directory; config.json is written after it, by
+process 0, so a directory with config.json is complete. A directory without it is a save that
+was interrupted: `load` says so, and `save` replaces it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from lctx_jax import sharding
+from lctx_jax import paths, sharding
 from lctx_jax.model import Decoder, Model, ModelConfig, default_positions, Context
 
 FORMAT = "lctx_jax.checkpoint/1"
 
 
 def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
-    """Writes `model` to ckpt_dir (which must not exist yet), atomically."""
-    final = pathlib.Path(ckpt_dir).absolute()
-    if final.exists():
-        raise FileExistsError(f"{final} exists; choose a new directory or remove it first")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", model.params)
-        checkpointer.wait_until_finished()
+    """Writes `model` to ckpt_dir (which must not hold a complete checkpoint yet). On several
+    hosts every process calls it, with the same directory."""
+    path = paths.as_path(ckpt_dir)
+    if is_complete(path):
+        raise FileExistsError(f"{path} holds a checkpoint; choose a new directory or remove it")
+    if path.exists():  # left by an interrupted save
+        if jax.process_index() == 0:
+            path.rmtree()
+        _barrier("lctx_jax.save: cleared")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", model.params)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
         config = {**model.config.to_hf(),
                   "lctx_jax": {"format": FORMAT, "param_dtype": str(model.param_dtype)}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        paths.write_atomically(path / "config.json", json.dumps(config, indent=2) + "\n")
+    _barrier("lctx_jax.save: done")
+
+
+def is_complete(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether ckpt_dir holds a checkpoint that `save` finished."""
+    return (paths.as_path(ckpt_dir) / "config.json").exists()
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def abstract_params(config: ModelConfig, param_dtype: Any, mesh: Any) -> Any:
@@ -67,15 +78,15 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     """Restores a Model saved by `save`; with a mesh, every parameter is restored straight into
     its sharding by the rules (`lctx_jax.sharding.param_shardings`): each device reads only
     its own shard, whatever the mesh the checkpoint was saved from."""
-    path = pathlib.Path(ckpt_dir).absolute()
+    path = paths.as_path(ckpt_dir)
     if not path.exists():
-        partial = sorted(path.parent.glob(path.name + ".tmp-*")) if path.parent.exists() else []
-        if partial:
-            raise FileNotFoundError(f"{path} does not exist, but {partial[0].name} does: a save "
-                                    "was interrupted before it finished; re-run the save")
         raise FileNotFoundError(f"no checkpoint at {path}")
     config_file, params_dir = path / "config.json", path / "params"
-    if not config_file.exists() or not params_dir.exists():
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json: a save was interrupted before it "
+                                "finished (or this is not an lctx_jax checkpoint); re-run the "
+                                "save")
+    if not params_dir.exists():
         raise ValueError(f"{path} is not an lctx_jax checkpoint: it needs config.json and "
                          "params/ (written by lctx_jax.save)")
     hf = json.loads(config_file.read_text())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -34,6 +35,7 @@ def main(run: Callable[[Any], Any], program: str,
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO
         try:
             if topology is not None and topology.value:
+                jax.config.update("jax_platforms", "cpu")  # no local accelerator is needed
                 reports = compile_only(config.value, topology.value)
                 return 0 if all(report.fits for report in reports) else 1
             run(config.value)

@@ -8,7 +8,8 @@ out_dir as results.json, results.md and PNG plots (`evaluation.write_report`).
 
 Config fields (`default_config`):
   out_dir            where the report, the searched factors and the search states go
-  tokenizer          sentencepiece model file ("" = <checkpoint>/tokenizer.model)
+  tokenizer          tokenizer.model / tokenizer.json or a directory with one ("" = the first
+                     checkpoint's directory)
   data               dataset ("stdlib" or a TFDS name such as "pg19"), split, search_split,
                      data_dir, text_key
   original_length    L, the window the checkpoints were trained at
@@ -37,7 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from lctx_jax import checkpoint, convert, data, evaluation, longrope_search, methods
+from lctx_jax import checkpoint, convert, data, evaluation, longrope_search, methods, paths
 from lctx_jax.model import Model, ModelConfig
 from lctx_jax.train_config import ConfigError, plain
 
@@ -109,8 +110,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validate(config)
     out_dir = pathlib.Path(config.out_dir).expanduser()
     first = _checkpoint_dir(config.settings[0], config.methods[0])
-    tokenizer = data.load_tokenizer(pathlib.Path(config.tokenizer or first / "tokenizer.model")
-                                    .expanduser())
+    tokenizer = data.load_tokenizer(config.tokenizer or first)
     longest = max(config.lengths)
     documents = _long_documents(config, tokenizer, config.data.split, longest,
                                 config.perplexity.documents)
@@ -253,10 +253,7 @@ def _searched_factors(config: ml_collections.ConfigDict, tokenizer: data.Tokeniz
                                             state_path=path.with_suffix(".state.json"))
             scaling = longrope_search.rope_scaling(rope, length, result.factors,
                                                    result.start_tokens)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(scaling, indent=1))
-            tmp.replace(path)
+            paths.write_atomically(path, json.dumps(scaling, indent=1))
             print(f"longrope {length}: perplexity {result.fitness:.3f} after "
                   f"{result.evaluations} candidates -> {path}", flush=True)
         out[length] = json.loads(path.read_text())

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from jax.experimental import multihost_utils
+from safetensors.numpy import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from lctx_jax import sharding
+from lctx_jax import paths, sharding
 from lctx_jax.model import Model, ModelConfig
 
 # Per layer: (our module, transformers' module under model.layers.N). Kernels are transposed:
@@ -264,14 +265,17 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
 
 
 def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) pairs of the transformers checkpoint, layer by layer."""
-    yield "model.embed_tokens.weight", np.asarray(params["embed"]["embedding"])
-    layers = params["layers"]
+    """(name, array) pairs of the transformers checkpoint, layer by layer. Each leaf is brought
+    to the host once (gathered from every process when it is split across hosts, so on several
+    hosts every process must iterate)."""
+    yield "model.embed_tokens.weight", to_host(params["embed"]["embedding"])
+    layers = {name: {leaf: to_host(value) for leaf, value in module.items()}
+              for name, module in params["layers"].items()}
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
         for ours, theirs in _NORMS:
-            yield prefix + f"{theirs}.weight", np.asarray(layers[ours]["scale"][i])
-        kernels = {ours: np.asarray(layers[ours]["kernel"][i]).T for ours, _ in _LINEARS}
+            yield prefix + f"{theirs}.weight", layers[ours]["scale"][i]
+        kernels = {ours: layers[ours]["kernel"][i].T for ours, _ in _LINEARS}
         if config.model_type == "phi3":
             for theirs, names in _FUSED.items():
                 yield prefix + f"{theirs}.weight", np.concatenate([kernels.pop(n) for n in names])
@@ -279,46 +283,49 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> Iterator[tup
             if ours in kernels:
                 yield prefix + f"{theirs}.weight", kernels[ours]
             if _has_bias(config, ours):
-                yield prefix + f"{theirs}.bias", np.asarray(layers[ours]["bias"][i])
-    yield "model.norm.weight", np.asarray(params["norm"]["scale"])
+                yield prefix + f"{theirs}.bias", layers[ours]["bias"][i]
+    yield "model.norm.weight", to_host(params["norm"]["scale"])
     if not config.tie_word_embeddings:
-        yield "lm_head.weight", np.asarray(params["lm_head"]["kernel"]).T
+        yield "lm_head.weight", to_host(params["lm_head"]["kernel"]).T
 
 
-def _atomic_write_json(path: pathlib.Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one host numpy array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def to_hf(model: Model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES,
           progress: bool = False) -> None:
     """config.json + model.safetensors (sharded with an index past max_shard_bytes) that
-    transformers loads with equal logits. Each file is written to a temporary name and renamed,
-    so a killed export never leaves a half-written file under a final name."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    transformers loads with equal logits. Each file is written whole or not at all
+    (`lctx_jax.paths.write_atomically`), so a killed export never leaves a half-written file
+    under a final name. On several hosts every process calls it (the parameters are gathered
+    leaf by leaf) and process 0 writes."""
+    out = paths.as_path(out_dir)
+    writer = jax.process_index() == 0
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, array in tqdm(params_to_hf(model.params, model.config), desc="tensors",
-                            disable=not progress):
+                            disable=not (progress and writer)):
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = np.ascontiguousarray(array)
         size += array.nbytes
+    if not writer:
+        return
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        tmp = out / (name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / name)
+        paths.write_atomically(out / name, safetensors_bytes(shard, metadata={"format": "pt"}))
     if len(shards) > 1:
         weight_map = {t: n for n, shard in zip(names, shards) for t in shard}
         total = sum(a.nbytes for shard in shards for a in shard.values())
-        _atomic_write_json(out / "model.safetensors.index.json",
-                           {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _atomic_write_json(out / "config.json", model.config.to_hf())
+        paths.write_atomically(out / "model.safetensors.index.json", json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    paths.write_atomically(out / "config.json", json.dumps(model.config.to_hf(), indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,5 +1,5 @@
-"""Training data for causal LM training: text sources (TFDS), a sentencepiece tokenizer, and
-packing of documents into fixed-length rows with segment ids.
+"""Training data for causal LM training: text sources (TFDS), tokenizers, and packing of
+documents into fixed-length rows with segment ids.
 
     docs = text_source("stdlib", "train")              # Python's own stdlib sources, built here
     docs = text_source("pg19", "train", text_key="book_text")   # a prepared TFDS dataset
@@ -7,6 +7,9 @@ packing of documents into fixed-length rows with segment ids.
     batches = PackedBatches(docs, tok, seq_len=2048, batch_size=8, seed=0)
     batch = next(batches)          # dict of [batch_size, seq_len] numpy arrays
     state = batches.get_state()    # JSON-serialisable; set_state(state) resumes bit-exact
+
+Tokenizers: a sentencepiece model (`SentencePieceTokenizer`) or a Hugging Face tokenizer.json
+(`HFTokenizer`, byte-level BPE as Llama 3 and Qwen2 ship), found by `load_tokenizer`.
 
 Text sources are random-access sequences of str read with TFDS `as_data_source` (ArrayRecord
 files; no TensorFlow needed). The embedded corpus "stdlib" is the `*.py` files of the running
@@ -28,16 +31,19 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import operator
 import os
 import pathlib
 import sys
 import sysconfig
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
+
+from lctx_jax import paths
 
 DEFAULT_DATA_DIR = "~/.cache/lctx_jax/tfds"
 
@@ -175,11 +181,33 @@ def text_source(name: str | TextFilesConfig, split: str, data_dir: str | None = 
 _TRAIN_THREADS = 2  # recorded in the model file: fixed, so that training is reproducible
 
 
-class Tokenizer:
-    """A sentencepiece model. encode(text) -> ids without BOS/EOS; decode(ids) -> text."""
+class Tokenizer(Protocol):
+    """What training and evaluation need of a tokenizer: ids without special tokens, and the
+    BOS / EOS ids that frame each document."""
 
-    def __init__(self, model_proto: bytes):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model (LLaMA 1/2's and Mistral's tokenizer.model, or one trained by
+    `train_tokenizer`). encode(text) -> ids without BOS/EOS; decode(ids) -> text."""
+
+    files = ("tokenizer.model",)
+
+    def __init__(self, model_proto: bytes, source: Any = None):
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.source = source
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -205,14 +233,90 @@ class Tokenizer:
         return self._sp.get_piece_size()
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The sentencepiece model file at `path` (e.g. LLaMA's tokenizer.model)."""
-    path = pathlib.Path(path).expanduser()
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (byte-level BPE as Llama 3 and Qwen2 ship, or any other
+    the `tokenizers` library reads). encode(text) -> ids without special tokens (documents are
+    framed with bos_id / eos_id by the packing, as for sentencepiece); decode(ids) -> text."""
+
+    files = ("tokenizer.json", "tokenizer_config.json")
+
+    def __init__(self, tokenizer: Any, bos_id: int, eos_id: int, source: Any = None):
+        self._tok = tokenizer
+        self._bos, self._eos = bos_id, eos_id
+        self.source = source
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer:
+    """The tokenizer at `path`: a sentencepiece model file (tokenizer.model), a Hugging Face
+    tokenizer.json, or a checkpoint directory holding one of them (tokenizer.model first).
+    For tokenizer.json the BOS / EOS ids come from the directory's config.json
+    (bos_token_id, eos_token_id; the first of a list), else from tokenizer_config.json's
+    bos_token / eos_token."""
+    path = paths.as_path(path)
+    if path.is_dir():
+        found = [path / name for name in ("tokenizer.model", "tokenizer.json")
+                 if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither tokenizer.model (sentencepiece) nor "
+                                    "tokenizer.json (Hugging Face tokenizers); give the file "
+                                    "as config.tokenizer")
+        path = found[0]
     if not path.is_file():
         raise FileNotFoundError(
-            f"no tokenizer model at {path}: use the tokenizer.model of the LLaMA checkpoint "
-            "directory, or train one with lctx_jax.data.train_tokenizer(texts, vocab_size, path)")
-    return Tokenizer(path.read_bytes())
+            f"no tokenizer at {path}: give a checkpoint's tokenizer.model or tokenizer.json (or "
+            "its directory), or train one with lctx_jax.data.train_tokenizer(texts, vocab_size, "
+            "path)")
+    if path.name.endswith(".json"):
+        return _hf_tokenizer(path)
+    try:
+        return SentencePieceTokenizer(path.read_bytes(), source=path)
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a sentencepiece model ({err}); a Hugging Face "
+                         "tokenizer must be named *.json") from err
+
+
+def _hf_tokenizer(path: Any) -> HFTokenizer:
+    import tokenizers
+
+    try:
+        tok = tokenizers.Tokenizer.from_str(path.read_text())
+    except Exception as err:  # tokenizers raises its own Exception type
+        raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({err})") from err
+    ids = {}
+    config_file, tokenizer_config = path.parent / "config.json", path.parent / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    special = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    for which in ("bos", "eos"):
+        value = config.get(f"{which}_token_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is None:
+            token = special.get(f"{which}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            value = tok.token_to_id(token) if token else None
+        if value is None:
+            raise ValueError(f"{path}: no {which.upper()} id: set {which}_token_id in "
+                             f"{config_file} or {which}_token in {tokenizer_config}")
+        ids[which] = int(value)
+    return HFTokenizer(tok, ids["bos"], ids["eos"], source=path)
 
 
 def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -228,7 +332,7 @@ def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLike, *,
-                    max_bytes: int = 16_000_000) -> Tokenizer:
+                    max_bytes: int = 16_000_000) -> SentencePieceTokenizer:
     """Trains a BPE sentencepiece model on the lines of the first max_bytes of texts and writes
     it to `path` atomically. Deterministic given its inputs.
 
@@ -253,18 +357,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
         add_dummy_prefix=False, user_defined_symbols=["\n"], character_coverage=0.9995,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=0,
         num_threads=_TRAIN_THREADS, minloglevel=2)
-    path = pathlib.Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
-    return Tokenizer(model.getvalue())
+    paths.write_atomically(path, model.getvalue())
+    return SentencePieceTokenizer(model.getvalue(), source=paths.as_path(path))
 
 
 def cached_tokenizer(path: str | os.PathLike, texts_factory: Callable[[], Iterable[str]],
                      vocab_size: int) -> Tokenizer:
     """The tokenizer at `path`; trained on texts_factory() and saved there first if missing."""
-    if not pathlib.Path(path).expanduser().exists():
+    if not paths.as_path(path).exists():
         return train_tokenizer(texts_factory(), vocab_size, path)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size != vocab_size:

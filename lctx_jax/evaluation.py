@@ -39,7 +39,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from lctx_jax import losses
+from lctx_jax import losses, paths
 from lctx_jax.data import Tokenizer
 from lctx_jax.generate import generate
 from lctx_jax.model import Model, head_kernel
@@ -430,9 +430,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write(path: pathlib.Path, content: bytes) -> pathlib.Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    paths.write_atomically(path, content)
     return path
 
 

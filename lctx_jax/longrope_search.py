@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lctx_jax import losses, rope as rope_lib
+from lctx_jax import losses, paths, rope as rope_lib
 from lctx_jax.model import head_kernel
 from lctx_jax.rope import RopeConfig
 
@@ -321,10 +320,7 @@ def _save(path: Path, setup: dict, iteration: int, population: list[Genome],
         "evaluated": [[list(k), n, value] for (k, n), value in cache.items()],
         "rng": rng.bit_generator.state,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    paths.write_atomically(path, json.dumps(state))
 
 
 def _load(path: Path, setup: dict) -> tuple:

@@ -226,3 +226,30 @@ def constrain(x: jax.Array | None, mesh: Mesh | None, *trailing: Any) -> jax.Arr
 def place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array placed so that each device receives only its own shard."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def held_rows(named: NamedSharding, shape: Sequence[int], axis: int = 0) -> dict[int, tuple]:
+    """{process index: the sorted indices along `axis` of a `shape` array that its devices hold
+    (the union of their shards)}, for every process of the sharding's mesh."""
+    rows: dict[int, set] = {}
+    for device, index in named.devices_indices_map(tuple(shape)).items():
+        start, stop, _ = index[axis].indices(shape[axis])
+        rows.setdefault(device.process_index, set()).update(range(start, stop))
+    return {process: tuple(sorted(held)) for process, held in rows.items()}
+
+
+def place_rows(local: np.ndarray, named: NamedSharding, shape: Sequence[int],
+               rows: Sequence[int], axis: int = 0) -> jax.Array:
+    """The global `shape` array of which this process holds the `rows` (sorted indices along
+    `axis`, `held_rows`) as `local` (whole along every other axis): each local device receives
+    its shard (multi-host: every process places its own rows)."""
+    rows = np.asarray(rows)
+
+    def part(index: tuple[slice, ...]) -> np.ndarray:
+        start, stop, _ = index[axis].indices(shape[axis])
+        first = int(np.searchsorted(rows, start))
+        local_index = list(index)
+        local_index[axis] = slice(first, first + stop - start)
+        return local[tuple(local_index)]
+
+    return jax.make_array_from_callback(tuple(shape), named, part)

@@ -15,7 +15,8 @@ Fields (see `default_config` for defaults):
   init_from          HF checkpoint dir (config.json + *.safetensors), lctx_jax checkpoint dir
                      (`lctx_jax.save`), or "" to train from scratch with `model`
   model              from scratch only: an HF config.json dict (model_type "llama", ...)
-  tokenizer          sentencepiece model file; "" means <init_from>/tokenizer.model
+  tokenizer          a sentencepiece tokenizer.model or HF tokenizer.json (or a directory with
+                     one); "" means init_from's directory
   tokenizer_vocab_size  > 0: if `tokenizer` does not exist, train one of this size on the
                      training split and cache it there (the demo does)
   data               dataset ("stdlib": the embedded corpus, or any TFDS text dataset name such
@@ -37,14 +38,15 @@ Fields (see `default_config` for defaults):
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 from typing import Any
 
 import ml_collections
 
-from lctx_jax import architectures
+from etils import epath
+
+from lctx_jax import architectures, paths
 from lctx_jax.attention import IMPLEMENTATIONS
 from lctx_jax.lora import LoraConfig
 from lctx_jax.model import REMAT_POLICIES, ModelConfig
@@ -172,8 +174,7 @@ def base_hf_config(config: ml_collections.ConfigDict, published: bool = False
     return plain(config.model)
 
 
-def validate(config: ml_collections.ConfigDict, process_count: int = 1,
-             published: bool = False) -> None:
+def validate(config: ml_collections.ConfigDict, published: bool = False) -> None:
     """Raises ConfigError for the first bad field, before anything is loaded or compiled.
     published: as for `base_hf_config` (`--compile_only` needs no checkpoint or tokenizer)."""
     # Extra scalar fields are a recipe's own knobs, referenced by its stages (get_ref).
@@ -218,13 +219,13 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
                           "(see lctx_jax.train_config)")
     names = [plain(s.name) for s in stages]
     for i, s in enumerate(stages):
-        _validate_stage(s, f"config.stages[{i}]", base, model, process_count)
+        _validate_stage(s, f"config.stages[{i}]", base, model)
     if len(set(names)) != len(names):
         raise ConfigError(f"config.stages: names must be unique, got {names}")
 
 
-def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict, model: ModelConfig,
-                    process_count: int) -> None:
+def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict, model: ModelConfig
+                    ) -> None:
     unknown = set(s.keys()) - set(STAGE_FIELDS)
     if unknown:
         raise ConfigError(f"{field} has unknown fields {sorted(unknown)}; known: {STAGE_FIELDS}")
@@ -246,9 +247,9 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict, model:
         raise ConfigError(f"{field}.seq_len={s.seq_len}: S²-Attn (attention='s2') splits a "
                           "sequence into 4 groups of even size, so seq_len must be a multiple "
                           "of 8")
-    if s.batch_size % (s.grad_accum * process_count):
+    if s.batch_size % s.grad_accum:
         raise ConfigError(f"{field}.batch_size={s.batch_size} must be divisible by grad_accum="
-                          f"{s.grad_accum} × {process_count} host(s)")
+                          f"{s.grad_accum}")
     if s.min_doc_tokens < 0:
         raise ConfigError(f"{field}.min_doc_tokens={s.min_doc_tokens} must be >= 0")
     scaling = rope_scaling_dict(s.rope_scaling, f"{field}.rope_scaling")
@@ -270,9 +271,10 @@ def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
                       targets=tuple(config.lora.targets), trainable=tuple(config.lora.trainable))
 
 
-def tokenizer_path(config: ml_collections.ConfigDict) -> pathlib.Path:
-    path = config.tokenizer or os.path.join(config.init_from, "tokenizer.model")
-    return pathlib.Path(path).expanduser()
+def tokenizer_path(config: ml_collections.ConfigDict) -> epath.Path:
+    """config.tokenizer, or the init_from checkpoint directory (`lctx_jax.data.load_tokenizer`
+    finds tokenizer.model or tokenizer.json there)."""
+    return paths.as_path(config.tokenizer or config.init_from)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -296,4 +298,5 @@ def pod_config(init_from: str, run_dir: str) -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     c.checkpoint_every = 50
     c.eval_batches = 2
+    c.distributed = True  # a pod slice: one process per host (jax.distributed detects them)
     return c

@@ -34,8 +34,7 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
-import shutil
+import os
 import time
 from typing import Any, Callable
 
@@ -44,9 +43,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, sharding
+from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, paths, sharding
 from lctx_jax.model import Model, ModelConfig, head_kernel
 from lctx_jax.train_config import (ConfigError, base_hf_config, fingerprint, lora_config, plain,
                                    rope_scaling_dict, tokenizer_path, validate)
@@ -208,16 +208,22 @@ class StageResult:
 
 def run(config: ml_collections.ConfigDict) -> list[StageResult]:
     """Trains every stage of `config` (resuming from run_dir if it holds checkpoints)."""
+    validate(config)
     if config.distributed:
-        jax.distributed.initialize()
-    validate(config, jax.process_count())
-    run_dir = pathlib.Path(config.run_dir).expanduser().absolute()
-    _claim_run_dir(run_dir, config)
+        try:
+            jax.distributed.initialize(**_cluster_from_environment())
+        except ValueError as err:  # no cluster detected or described
+            raise ConfigError(f"config.distributed: {err}; on one machine set "
+                              "--config.distributed=false") from err
+        _say(f"jax.distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+             f"({jax.local_device_count()} per process)")
+    run_dir = paths.as_path(config.run_dir)
     tokenizer = _tokenizer(config)
     base_hf = base_hf_config(config)
     if tokenizer.vocab_size > base_hf["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {base_hf['vocab_size']}; use a matching tokenizer")
+    _claim_run_dir(run_dir, config)
     logger = _Logger(run_dir, config)
     manager = ocp.CheckpointManager(
         run_dir / "checkpoints",
@@ -230,7 +236,7 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
         previous = None
         for index, stage in enumerate(config.stages):
             model_dir = run_dir / "models" / stage.name
-            if model_dir.exists():
+            if checkpoint.is_complete(model_dir):
                 _say(f"stage {stage.name}: done earlier, weights at {model_dir}")
             else:
                 results.append(_train_stage(config, index, offset, previous, base_hf, tokenizer,
@@ -238,7 +244,7 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
             previous = model_dir
             offset += stage.steps
         manager.wait_until_finished()
-        if config.export_hf and jax.process_index() == 0:
+        if config.export_hf:
             _export_hf(config, previous, run_dir / "hf" / config.stages[-1].name)
     finally:
         manager.close()
@@ -247,7 +253,19 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
     return results
 
 
-def _claim_run_dir(run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def _cluster_from_environment() -> dict[str, int]:
+    """num_processes / process_id for `jax.distributed.initialize` from JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID when set (with JAX's own JAX_COORDINATOR_ADDRESS: a cluster that JAX does
+    not detect by itself, e.g. CPU processes); on TPU pods JAX detects everything."""
+    out = {}
+    for key, variable in (("num_processes", "JAX_NUM_PROCESSES"),
+                          ("process_id", "JAX_PROCESS_ID")):
+        if os.environ.get(variable):
+            out[key] = int(os.environ[variable])
+    return out
+
+
+def _claim_run_dir(run_dir: epath.Path, config: ml_collections.ConfigDict) -> None:
     """Writes run_dir/config.json, or checks that a resumed run's config matches it."""
     saved = run_dir / "config.json"
     current = fingerprint(config)
@@ -261,10 +279,8 @@ def _claim_run_dir(run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> 
                 "resume with the same config, or choose a new config.run_dir")
         return
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"fingerprint": current, "config": plain(config)}, indent=2))
-        tmp.replace(saved)
+        paths.write_atomically(saved, json.dumps({"fingerprint": current,
+                                                  "config": plain(config)}, indent=2))
 
 
 def _tokenizer(config: ml_collections.ConfigDict) -> data.Tokenizer:
@@ -291,7 +307,7 @@ def _mesh(config: ml_collections.ConfigDict) -> Any:
     return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
 
 
-def _start_model(config: ml_collections.ConfigDict, previous: pathlib.Path | None,
+def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
                  model_config: ModelConfig, mesh: Any) -> Model:
     """The stage's starting weights as a Model with the stage's config (RoPE scaling)."""
     param_dtype = jnp.dtype(config.param_dtype)
@@ -300,10 +316,10 @@ def _start_model(config: ml_collections.ConfigDict, previous: pathlib.Path | Non
     elif not config.init_from:
         return Model.init(model_config, jax.random.key(config.seed), param_dtype=param_dtype,
                           mesh=mesh)
-    elif (pathlib.Path(config.init_from).expanduser() / "params").is_dir():
-        model = checkpoint.load(pathlib.Path(config.init_from).expanduser(), mesh=mesh)
+    elif (paths.as_path(config.init_from) / "params").is_dir():
+        model = checkpoint.load(config.init_from, mesh=mesh)
     else:
-        model = convert.from_hf(pathlib.Path(config.init_from).expanduser(), mesh=mesh,
+        model = convert.from_hf(paths.as_path(config.init_from), mesh=mesh,
                                 param_dtype=param_dtype, progress=True)
     params = jax.tree.map(lambda x: x.astype(param_dtype), model.params)
     return Model(model_config, params, mesh=mesh)
@@ -373,8 +389,8 @@ def _lora_shapes(param_shapes: Any, lora: lora_lib.LoraConfig | None) -> Any:
 
 
 def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
-                 previous: pathlib.Path | None, base_hf: dict, tokenizer: data.Tokenizer,
-                 manager: ocp.CheckpointManager, logger: "_Logger", run_dir: pathlib.Path
+                 previous: epath.Path | None, base_hf: dict, tokenizer: data.Tokenizer,
+                 manager: ocp.CheckpointManager, logger: "_Logger", run_dir: epath.Path
                  ) -> StageResult:
     stage = config.stages[index]
     started = time.perf_counter()
@@ -391,7 +407,9 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     state = step_fns.init_state(trainable, lora_params)
     del trainable, lora_params
 
-    batches = _batches(config, stage, tokenizer, config.data.split, config.seed + index)
+    feed = _Feed(config, stage, stage.grad_accum, plan.batch_sharding, tokenizer,
+                 config.data.split, config.seed + index)
+    batches = feed.batches
     done = 0
     latest = manager.latest_step()
     if latest is not None and latest > offset:
@@ -416,7 +434,7 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     pending: list[tuple[int, dict]] = []
     window_start, window_steps, last_loss, rate, mfu = time.perf_counter(), 0, None, None, None
     for step in range(done, stage.steps):
-        batch = _to_device(next(batches), stage.grad_accum, plan.batch_sharding)
+        batch = feed.next()
         state, metrics = step_fns.train(state, frozen, batch)
         pending.append((offset + step + 1, metrics))
         window_steps += 1
@@ -437,7 +455,7 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     progress.close()
 
-    eval_loss = _evaluate(config, stage, tokenizer, step_fns, state, frozen, mesh)
+    eval_loss = _evaluate(config, stage, tokenizer, step_fns, state, frozen, plan)
     if eval_loss is not None:
         logger.scalars(offset + stage.steps, {"eval/loss": eval_loss,
                                               "eval/perplexity": math.exp(eval_loss)},
@@ -447,21 +465,58 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
         params = jax.jit(lora_lib.merge, static_argnums=2)(params, state["lora"], lora)
     model_dir = run_dir / "models" / stage.name
     manager.wait_until_finished()
-    if jax.process_index() == 0:
-        for stale in model_dir.parent.glob(model_dir.name + ".tmp-*"):
-            shutil.rmtree(stale)  # left by a save that was killed
     checkpoint.save(Model(model_config, params), model_dir)
     return StageResult(stage.name, stage.steps, last_loss, eval_loss, rate, mfu,
                        time.perf_counter() - started, str(model_dir))
 
 
-def _batches(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
-             tokenizer: data.Tokenizer, split: str, seed: int) -> data.PackedBatches:
-    return data.PackedBatches(_documents(config, split), tokenizer, stage.seq_len,
-                              stage.batch_size // jax.process_count(), seed,
-                              shard_index=jax.process_index(),
-                              shard_count=jax.process_count(),
-                              min_tokens=stage.min_doc_tokens)
+def host_part(batch_sharding: Any, shape: tuple[int, int, int], process: int | None = None
+              ) -> tuple[tuple[int, ...], int, int]:
+    """(rows, data shard index, shard count) of process `process` (default: this one) for
+    [A, B, T] batches: the rows of each micro-batch its devices hold (`sharding.held_rows`),
+    and which data shard feeds them. Processes holding the same rows read the same shard (e.g.
+    when "sequence" spans hosts: each then keeps its devices' tokens), one shard per distinct
+    set of rows; ConfigError when the hosts' row sets overlap without being equal."""
+    rows = shape[1]
+    if batch_sharding is None:
+        return tuple(range(rows)), 0, 1
+    held = sharding.held_rows(batch_sharding, shape, axis=1)
+    sets = sorted(set(held.values()))
+    if sum(len(s) for s in sets) != rows or len({len(s) for s in sets}) != 1:
+        raise ConfigError(
+            f"config.mesh: the hosts hold overlapping or unequal sets of the {rows} rows of each "
+            f"micro-batch ({sets[:4]}...); choose mesh sizes whose batch split covers the hosts "
+            "evenly")
+    mine = held[jax.process_index() if process is None else process]
+    return mine, sets.index(mine), len(sets)
+
+
+class _Feed:
+    """This process's part of every [A, B, T] batch (A = `accum` micro-batches of B rows): the
+    rows its devices hold (`host_part`), read from its data shard, whole along T (each device
+    gets its tokens from them); so the global batch does not depend on how the mesh maps onto
+    hosts beyond which rows travel together."""
+
+    def __init__(self, config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
+                 accum: int, batch_sharding: Any, tokenizer: data.Tokenizer, split: str,
+                 seed: int):
+        self.shape = (accum, stage.batch_size // stage.grad_accum, stage.seq_len)
+        self.sharding = batch_sharding
+        self.rows, shard, shards = host_part(batch_sharding, self.shape)
+        self.batches = data.PackedBatches(
+            _documents(config, split), tokenizer, stage.seq_len, accum * len(self.rows), seed,
+            shard_index=shard, shard_count=shards, min_tokens=stage.min_doc_tokens)
+
+    def next(self) -> dict[str, jax.Array]:
+        out = {}
+        for key, value in next(self.batches).items():
+            local = value.reshape(self.shape[0], len(self.rows), self.shape[2])
+            if self.sharding is None:
+                out[key] = jax.device_put(local)
+            else:
+                out[key] = sharding.place_rows(local, self.sharding, self.shape, self.rows,
+                                               axis=1)
+        return out
 
 
 def _batch_sharding(mesh: Any, stage: ml_collections.ConfigDict) -> Any:
@@ -473,49 +528,43 @@ def _batch_sharding(mesh: Any, stage: ml_collections.ConfigDict) -> Any:
     return NamedSharding(mesh, P(None, *spec))
 
 
-def _to_device(host: dict, accum: int, batch_sharding: Any) -> dict:
-    """Host rows [B_local, T] -> global [A, B/A, T] arrays (per-host data on multi-host)."""
-    out = {}
-    for key, value in host.items():
-        local = value.reshape(accum, value.shape[0] // accum, *value.shape[1:])
-        if batch_sharding is None:
-            out[key] = jax.device_put(local)
-        else:
-            out[key] = jax.make_array_from_process_local_data(batch_sharding, local)
-    return out
-
-
 def _evaluate(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
               tokenizer: data.Tokenizer, step_fns: Step, state: dict, frozen: Any,
-              mesh: Any) -> float | None:
+              plan: StagePlan) -> float | None:
     """Mean validation loss over `eval_batches` batches at the stage's length (full attention),
     each of the training micro-batch's rows (batch_size / grad_accum), so that evaluating needs
     no more memory than a training micro-step."""
     if not config.eval_batches:
         return None
     eval_stage = ml_collections.ConfigDict(plain(stage))
-    eval_stage.batch_size = stage.batch_size // stage.grad_accum
-    eval_stage.grad_accum = 1
     eval_stage.min_doc_tokens = 0
-    batches = _batches(config, eval_stage, tokenizer, config.data.eval_split, 0)
-    batch_sharding = _batch_sharding(mesh, eval_stage)
+    feed = _Feed(config, eval_stage, 1, plan.batch_sharding, tokenizer, config.data.eval_split,
+                 0)
     nll = count = 0.0
     for _ in range(config.eval_batches):
-        batch = jax.tree.map(lambda x: x[0], _to_device(next(batches), 1, batch_sharding))
+        batch = jax.tree.map(lambda x: x[0], feed.next())
         batch_nll, batch_count = step_fns.eval(state, frozen, batch)
         nll, count = nll + batch_nll, count + batch_count
     return float(nll / count)
 
 
-def _export_hf(config: ml_collections.ConfigDict, model_dir: pathlib.Path,
-               out_dir: pathlib.Path) -> None:
-    if out_dir.exists():
+def _export_hf(config: ml_collections.ConfigDict, model_dir: epath.Path,
+               out_dir: epath.Path) -> None:
+    """The last stage's weights as a transformers checkpoint, with the tokenizer's files. Every
+    process takes part (the restore and the gathering of sharded leaves are collective);
+    process 0 writes."""
+    if (out_dir / "config.json").exists():
         return
-    model = checkpoint.load(model_dir)
+    model = checkpoint.load(model_dir, mesh=_mesh(config))
     convert.to_hf(model, out_dir)
-    tokenizer = tokenizer_path(config)
-    if tokenizer.exists():
-        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    tokenizer = data.load_tokenizer(tokenizer_path(config))
+    if jax.process_index() == 0:
+        main, *extra = tokenizer.files  # the file it was read from, under its canonical name
+        paths.write_atomically(out_dir / main, tokenizer.source.read_bytes())
+        for name in extra:
+            if (tokenizer.source.parent / name).is_file():
+                paths.write_atomically(out_dir / name, (tokenizer.source.parent / name)
+                                       .read_bytes())
 
 
 def _postfix(loss: float, rate: float, mfu: float | None) -> dict[str, str]:
@@ -525,7 +574,7 @@ def _postfix(loss: float, rate: float, mfu: float | None) -> dict[str, str]:
     return out
 
 
-def _summary(results: list[StageResult], run_dir: pathlib.Path,
+def _summary(results: list[StageResult], run_dir: epath.Path,
              config: ml_collections.ConfigDict) -> None:
     if jax.process_index():
         return
@@ -555,12 +604,16 @@ def _say(message: str) -> None:
 
 
 class _Logger:
-    """metrics.jsonl, tensorboard scalars and the progress bar (process 0 only)."""
+    """metrics.jsonl, tensorboard scalars and the progress bar (process 0 only). metrics.jsonl
+    is rewritten whole at each log (`paths.write_atomically`): object stores cannot append."""
 
-    def __init__(self, run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    def __init__(self, run_dir: epath.Path, config: ml_collections.ConfigDict) -> None:
         self.active = jax.process_index() == 0
         self.show_progress = config.progress and self.active
         self.path = run_dir / "metrics.jsonl"
+        self.lines: list[str] = []
+        if self.active and self.path.exists():
+            self.lines = self.path.read_text().splitlines()
         self.writer = None
         if self.active and config.tensorboard:
             from tensorboardX import SummaryWriter
@@ -568,22 +621,21 @@ class _Logger:
 
     def truncate(self, step: int) -> None:
         """Drops lines logged after `step` (by a run killed before its next checkpoint)."""
-        if not self.active or not self.path.exists():
+        if not self.active:
             return
-        lines = [line for line in self.path.read_text().splitlines()
-                 if json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        tmp.replace(self.path)
+        self.lines = [line for line in self.lines if json.loads(line).get("step", 0) <= step]
+        self._write()
+
+    def _write(self) -> None:
+        paths.write_atomically(self.path, "".join(line + "\n" for line in self.lines))
 
     def steps(self, rows: list[tuple[int, dict]], rate: float, mfu: float | None) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            for step, m in rows:
-                f.write(json.dumps({"step": step, "loss": float(m["loss"]),
-                                    "grad_norm": float(m["grad_norm"]),
-                                    "lr": float(m["lr"])}) + "\n")
+        self.lines += [json.dumps({"step": step, "loss": float(m["loss"]),
+                                   "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
+                       for step, m in rows]
+        self._write()
         if self.writer is not None:
             step, m = rows[-1]
             for key in ("loss", "grad_norm", "lr"):
@@ -595,8 +647,8 @@ class _Logger:
     def scalars(self, step: int, values: dict[str, float], line: dict) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **line}) + "\n")
+        self.lines.append(json.dumps({"step": step, **line}))
+        self._write()
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)

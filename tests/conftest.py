@@ -1,10 +1,13 @@
 """Test session setup. pytest imports this before any test module, hence before jax: 8
-simulated CPU devices for the sharded tests (test_ring.py, test_sharding.py). An XLA_FLAGS
-already set in the environment wins."""
+simulated CPU devices for the sharded tests (test_ring.py, test_sharding.py); an XLA_FLAGS
+already set in the environment wins. libtpu (compile-only TPU topologies, test_aot.py) takes a
+lock file per machine; the test process and the `train.py --compile_only` it starts both load
+it, which ALLOW_MULTIPLE_LIBTPU_LOAD permits (no TPU is ever attached here)."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 import pytest  # noqa: E402

@@ -19,7 +19,6 @@ import torch
 import transformers as tf
 
 import lctx_jax as lx
-from lctx_jax import checkpoint, convert
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -218,10 +217,13 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 def test_half_written_orbax_checkpoint(tmp_path):
     make_hf("llama", tmp_path / "hf")
     model = lx.from_hf(tmp_path / "hf")
-    (tmp_path / "ckpt.tmp-abc").mkdir()  # what a save killed midway leaves
+    lx.save(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()  # a save killed before its last write
     with pytest.raises(FileNotFoundError, match="interrupted"):
         lx.load(tmp_path / "ckpt")
-    lx.save(model, tmp_path / "ckpt")
+    lx.save(model, tmp_path / "ckpt")  # replaces the incomplete directory
+    np.testing.assert_array_equal(model(random_ids(1, 8)), lx.load(tmp_path / "ckpt")(
+        random_ids(1, 8)))
     with pytest.raises(FileExistsError):
         lx.save(model, tmp_path / "ckpt")
     for item in (tmp_path / "ckpt" / "params").rglob("*"):

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import lctx_jax as lx
-from lctx_jax import lora as lora_lib, training
+from lctx_jax import architectures, lora as lora_lib, training
 from lctx_jax.train_config import ConfigError, default_config, stage, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -313,20 +313,6 @@ def test_kill_9_and_rerun_reproduces_the_loss_trajectory_bit_for_bit(workspace, 
 
 # ----------------------------------------------------------------------------- recipes
 
-LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5)
-CHECKPOINTS = {
-    "Llama-2-7b-hf": LLAMA2_7B,
-    "Meta-Llama-3-8B": {**LLAMA2_7B, "vocab_size": 128256, "intermediate_size": 14336,
-                        "num_key_value_heads": 8, "max_position_embeddings": 8192,
-                        "rope_theta": 500000.0},
-    "Mistral-7B-v0.1": {**LLAMA2_7B, "model_type": "mistral", "intermediate_size": 14336,
-                        "num_key_value_heads": 8, "max_position_embeddings": 32768,
-                        "sliding_window": 4096},
-}
-
-
 def _recipe(name: str, tmp_path: pathlib.Path, sliding_window: bool = False):
     import importlib.util
     if str(ROOT) not in sys.path:  # recipes import each other as `configs.X`, as train.py runs
@@ -344,9 +330,9 @@ def _recipe(name: str, tmp_path: pathlib.Path, sliding_window: bool = False):
         (tmp_path / "pretrain").mkdir()
         (tmp_path / "pretrain" / "config.json").write_text(json.dumps(dict(c.model)))
     elif c.init_from:  # stand-ins for the checkpoints: config.json is all validation reads
-        hf = dict(CHECKPOINTS[pathlib.Path(c.init_from).name])
-        if "sliding_window" in hf and not sliding_window:
-            hf["sliding_window"] = None
+        hf = architectures.published(c.init_from)
+        if sliding_window:
+            hf["sliding_window"] = 4096  # as Mistral-7B-v0.1's config.json ships
         (tmp_path / "ckpt").mkdir(exist_ok=True)
         (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
         c.init_from = str(tmp_path / "ckpt")
