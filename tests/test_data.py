@@ -142,6 +142,63 @@ def test_train_tokenizer_is_deterministic_and_cached(corpus, tmp_path):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.model.*tokenizer\.model.*train_tokenizer"):
         data.load_tokenizer(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.model"):
+        data.load_tokenizer(tmp_path)
+
+
+def byte_level_bpe(texts, directory, config=None, special=None):
+    """A byte-level BPE tokenizer.json as Llama 3 and Qwen2 ship (trained here on `texts`), with
+    their special tokens, and the checkpoint's config.json / tokenizer_config.json."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>",
+                                                                  "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    if special is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(special))
+    return directory
+
+
+def test_hf_tokenizer_json_equals_transformers(corpus, tmp_path):
+    """tokenizer.json through the `tokenizers` library: ids as transformers' fast tokenizer
+    gives them without special tokens, exact round trip, BOS/EOS from the checkpoint."""
+    import transformers as tf
+    texts = list(corpus["validation"])[:20]
+    directory = byte_level_bpe(texts, tmp_path / "ckpt",
+                               config={"bos_token_id": 0, "eos_token_id": [1, 0]})
+    reference = tf.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    for tok in (data.load_tokenizer(directory), data.load_tokenizer(directory / "tokenizer.json")):
+        assert isinstance(tok, data.HFTokenizer)
+        assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, len(reference))
+        for text in texts[:5] + ["naïve café 🚀\n\tx = 1"]:
+            ids = tok.encode(text)
+            assert ids == reference.encode(text, add_special_tokens=False)
+            assert tok.decode(ids) == text
+    rows = next(data.PackedBatches(texts, tok, 64, 2, seed=0))
+    assert rows["input_ids"][0, 0] == 0  # documents framed with the checkpoint's BOS
+
+
+def test_hf_tokenizer_special_ids_from_tokenizer_config(corpus, tmp_path):
+    texts = list(corpus["validation"])[:5]
+    directory = byte_level_bpe(texts, tmp_path / "a", special={
+        "bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}})
+    tok = data.load_tokenizer(directory)
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    byte_level_bpe(texts, tmp_path / "b")
+    with pytest.raises(ValueError, match="no BOS id: set bos_token_id"):
+        data.load_tokenizer(tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json"):
+        data.load_tokenizer(tmp_path / "c")
 
 
 # --- packing ---------------------------------------------------------------------------------
