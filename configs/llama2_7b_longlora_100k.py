@@ -13,6 +13,9 @@ Reported (7B → 32K, PG19): LoRA+ (embed & norm) 8.12 vs full fine-tune 8.08.
 from lctx_jax.train_config import pod_config, stage
 
 
+SLICE = "v5p:2x2x2"  # v5p-16, 8 chips: the measured sizing is in the docstring
+
+
 def get_config():
     c = pod_config("checkpoints/Llama-2-7b-hf", "runs/llama2_7b_longlora_100k")
     c.lora.rank = 8

@@ -15,6 +15,9 @@ Both stages split the sequence over a "sequence" mesh axis of 8 with ring attent
 from lctx_jax.train_config import pod_config, stage
 
 
+SLICE = "v5p:4x4x4"  # v5p-128, 64 chips: the measured sizing is in the docstring
+
+
 def get_config():
     c = pod_config("checkpoints/Llama-2-7b-hf", "runs/llama2_7b_longrope_progressive")
     c.mesh.sequence = 8

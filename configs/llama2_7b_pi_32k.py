@@ -12,6 +12,9 @@ Sizing: 64 × 32K = 2M tokens per step; flash attention and full remat on a v5p-
 from lctx_jax.train_config import pod_config, stage
 
 
+SLICE = "v5p:2x2x4"  # v5p-32, 16 chips: the measured sizing is in the docstring
+
+
 def get_config():
     c = pod_config("checkpoints/Llama-2-7b-hf", "runs/llama2_7b_pi_32k")
     c.stages = [stage("pi32k", seq_len=32768, batch_size=64, steps=1000, lr=2e-5,

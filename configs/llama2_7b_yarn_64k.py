@@ -12,6 +12,9 @@ At 64K the sequence is split over a "sequence" mesh axis of 4 with ring attentio
 from lctx_jax.train_config import pod_config, stage
 
 
+SLICE = "v5p:2x4x4"  # v5p-64, 32 chips: the measured sizing is in the docstring
+
+
 def get_config():
     c = pod_config("checkpoints/Llama-2-7b-hf", "runs/llama2_7b_yarn_64k")
     c.mesh.sequence = 4

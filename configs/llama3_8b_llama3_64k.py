@@ -11,6 +11,9 @@ global batch 64, no weight decay.
 from lctx_jax.train_config import pod_config, stage
 
 
+SLICE = "v5p:2x4x4"  # v5p-64, 32 chips: the measured sizing is in the docstring
+
+
 def get_config():
     c = pod_config("checkpoints/Meta-Llama-3-8B", "runs/llama3_8b_llama3_64k")
     c.mesh.sequence = 4

@@ -11,6 +11,9 @@ YaRN's Llama-2 recipe: 400 steps, lr 2e-5, 20 warmup steps, global batch 64.
 from lctx_jax.train_config import pod_config, stage
 
 
+SLICE = "v5p:2x4x4"  # v5p-64, 32 chips: the measured sizing is in the docstring
+
+
 def get_config():
     c = pod_config("checkpoints/Mistral-7B-v0.1", "runs/mistral_7b_yarn_64k")
     c.mesh.sequence = 4

@@ -103,6 +103,7 @@ class Footprint:
 @dataclasses.dataclass(frozen=True)
 class StageReport:
     name: str
+    mesh: dict[str, int]
     train: Footprint
     eval: Footprint | None
     hbm: int
@@ -200,7 +201,7 @@ def _compile_stage(config: ml_collections.ConfigDict, index: int, base_hf: dict,
                                            _per_chip_bytes((state, frozen, eval_batch)), hbm)
         if not largest:
             largest = eval_largest
-    return StageReport(stage.name, train, evaluated, hbm, largest)
+    return StageReport(stage.name, dict(mesh.shape), train, evaluated, hbm, largest)
 
 
 def _measure(lowered: Any, argument_bytes: int, hbm: int) -> tuple[Footprint, list[str]]:

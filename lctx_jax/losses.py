@@ -7,13 +7,15 @@ For hidden states h [B, T, H] (after the final norm), the head W [H, V] and inte
 
     nll_t = logsumexp_v(h_t W) − (h_t W)[target_t],     total = Σ_t weights_t · nll_t,
 
-computed over chunks of tokens by a `lax.scan` whose step is rematerialised (`jax.checkpoint`):
-the forward keeps one chunk of f32 logits [B, c, V] at a time, and the backward recomputes each
-chunk's logits to form its softmax − one-hot cotangent, so neither pass holds [B, T, V]. The
-gradient of W accumulates in the scan's carry. Chunks are strided: chunk j holds tokens
-j, j + n, j + 2n, … (n chunks), so every chunk spans the whole sequence and stays split like it
-when T is sharded over the mesh's "sequence" axis (a [B, T] → [B, c, n] reshape keeps each
-device's contiguous token range on that device).
+computed over chunks of tokens by a `lax.scan` that holds one chunk of f32 logits [B, c, V] at
+a time, never [B, T, V]. Differentiated, a custom VJP forms the gradients in that same pass:
+per chunk, dlogits = weight · (softmax − onehot), dh = dlogits Wᵀ, and dW accumulates in the
+scan's carry; the backward only scales them by the loss's cotangent, so no chunk's logits are
+recomputed (three matmuls per chunk, as autodiff of full logits does, not four as a
+rematerialised scan would). Chunks are strided: chunk j holds tokens j, j + n, j + 2n, …
+(n chunks), so every chunk spans the whole sequence and stays split like it when T is sharded
+over the mesh's "sequence" axis (a [B, T] → [B, c, n] reshape keeps each device's contiguous
+token range on that device).
 
 Equal to the full-logits cross-entropy up to f32 rounding (the same logits, summed in another
 order): tests/test_losses.py checks value and gradients against optax on the full logits.
@@ -21,10 +23,12 @@ order): tests/test_losses.py checks value and gradients against optax on the ful
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lctx_jax.model import Model, head_kernel, head_logits
 
@@ -49,31 +53,83 @@ def nll_sum(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax
             ) -> tuple[jax.Array, jax.Array]:
     """(Σ weights · nll, Σ weights), f32 scalars. hidden [B, T, H]; head [H, V]; targets int
     [B, T]; weights [B, T] (0 where a target does not count). `dtype`: the head matmul's
-    input dtype (f32 accumulation), as `lctx_jax.model.head_logits`."""
-    batch, length, width = hidden.shape
+    input dtype (f32 accumulation), as `lctx_jax.model.head_logits`. Differentiable in hidden
+    and head (`_chunked_nll`)."""
+    batch, length, _ = hidden.shape
     n = num_chunks(length, chunk_tokens)
     padded = -(-length // n) * n
     weights = weights.astype(jnp.float32)
+    targets = targets.astype(jnp.int32)
     if padded != length:  # padded tokens have weight 0
         pad = [(0, 0), (0, padded - length)]
         hidden = jnp.pad(hidden, pad + [(0, 0)])
         targets, weights = jnp.pad(targets, pad), jnp.pad(weights, pad)
+    return _chunked_nll(jnp.dtype(dtype), n, hidden, head, targets, weights), jnp.sum(weights)
 
-    def chunks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, T/n, ...], strided
-        x = x.reshape(batch, padded // n, n, *x.shape[2:])
-        return jnp.moveaxis(x, 2, 0)
 
-    @jax.checkpoint
+def _chunks(x: jax.Array, n: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, T/n, ...]: chunk j holds tokens j, j + n, j + 2n, ..."""
+    x = x.reshape(x.shape[0], x.shape[1] // n, n, *x.shape[2:])
+    return jnp.moveaxis(x, 2, 0)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+    """The inverse of `_chunks`."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_nll(dtype: Any, n: int, hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                 weights: jax.Array) -> jax.Array:
+    """Σ weights · (logsumexp(h W) − (h W)[target]) over n chunks, one chunk's logits at a
+    time (the value alone: evaluation never forms gradients)."""
     def step(total: jax.Array, chunk: tuple) -> tuple[jax.Array, None]:
         h, target, weight = chunk
-        logits = head_logits(h, head, dtype)  # f32 [B, c, V]
-        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - picked
-        return total + jnp.sum(nll * weight), None
+        logits = head_logits(h, head, dtype)
+        return total + jnp.sum(_token_nll(logits, target) * weight), None
 
-    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32),
-                            (chunks(hidden), chunks(targets.astype(jnp.int32)), chunks(weights)))
-    return total, jnp.sum(weights)
+    chunks = tuple(_chunks(x, n) for x in (hidden, targets, weights))
+    return jax.lax.scan(step, jnp.zeros((), jnp.float32), chunks)[0]
+
+
+def _token_nll(logits: jax.Array, target: jax.Array) -> jax.Array:
+    picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def _chunked_nll_fwd(dtype: Any, n: int, hidden: jax.Array, head: jax.Array,
+                     targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, tuple]:
+    """The value and, in the same pass over the chunks, its gradients: per chunk
+    dlogits = weight · (softmax(logits) − onehot(target)), dh = dlogits Wᵀ, dW += hᵀ dlogits.
+    The loss is a scalar, so the backward only scales them by its cotangent: no chunk's
+    logits are recomputed and none is kept."""
+    def step(carry: tuple, chunk: tuple) -> tuple[tuple, jax.Array]:
+        total, d_head = carry
+        h, target, weight = chunk
+        logits = head_logits(h, head, dtype)
+        total = total + jnp.sum(_token_nll(logits, target) * weight)
+        d_logits = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(target, logits.shape[-1])
+        d_logits = (d_logits * weight[..., None]).astype(dtype)
+        d_h = jnp.einsum("bcv,hv->bch", d_logits, head.astype(dtype),
+                         preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum("bch,bcv->hv", h.astype(dtype), d_logits,
+                                     preferred_element_type=jnp.float32)
+        return (total, d_head), d_h.astype(hidden.dtype)
+
+    chunks = tuple(_chunks(x, n) for x in (hidden, targets, weights))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
+    (total, d_head), d_hidden = jax.lax.scan(step, init, chunks)
+    return total, (_unchunk(d_hidden), d_head.astype(head.dtype), targets, weights)
+
+
+def _chunked_nll_bwd(dtype: Any, n: int, residuals: tuple, g: jax.Array) -> tuple:
+    d_hidden, d_head, targets, weights = residuals
+    return ((g * d_hidden).astype(d_hidden.dtype), (g * d_head).astype(d_head.dtype),
+            np.zeros(targets.shape, jax.dtypes.float0), jnp.zeros_like(weights))
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array | None = None,
