@@ -10,10 +10,13 @@ a fresh process each (so peak memory is its own), one optimizer step on a [B, T]
   transformers  LlamaForCausalLM (SDPA attention): loss.backward(), clip_grad_norm_,
                 torch.optim.AdamW.step()
 Reported: tokens/s (B·T / median step time), the ratio to transformers, peak memory above the
-process's RSS before the first step (MiB, host; on a GPU also device peak), our compile time,
-and on accelerators the MFU (lctx_jax.training.flops_per_token over the bf16 dense peak).
+process's RSS before the first step (MiB, host; on a GPU also device peak), our step's compiled
+temporaries (`memory_analysis()`), our compile time, and on accelerators the MFU
+(lctx_jax.training.flops_per_token over the bf16 dense peak). --hidden / --layers run the same
+model shape at another size (64-dim heads, half as many key/value heads).
 
-Run:  python benchmarks/train.py [--batch 16] [--length 256] [--dtype float32] [--json out.json]
+Run:  python benchmarks/train.py [--batch 16] [--length 256] [--dtype float32] [--hidden H]
+                                 [--layers L] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,16 +36,25 @@ from common import cpu_model, run_child, save_run, timed  # noqa: E402
 IMPLS = ("ours", "ours-lora", "transformers")
 
 
-def demo_model() -> dict[str, Any]:
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """configs/demo.py's model; with --hidden / --layers, the same shape at another size
+    (64-dim heads, half as many key/value heads, MLP 8/3 of hidden)."""
     from configs import demo
-    return dict(demo.get_config().model)
+    config = dict(demo.get_config().model)
+    if args.hidden:
+        config.update(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+                      num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=args.hidden // 128)
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    return config
 
 
 def host_batch(args: argparse.Namespace) -> dict[str, Any]:
     """Two packed documents per row, as train.py's data pipeline makes them."""
     import numpy as np
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, demo_model()["vocab_size"], (args.batch, args.length + 1))
+    ids = rng.integers(3, model_config(args)["vocab_size"], (args.batch, args.length + 1))
     cut = args.length // 3
     segments = np.where(np.arange(args.length) < cut, 1, 2)
     positions = np.where(segments == 1, np.arange(args.length), np.arange(args.length) - cut)
@@ -54,7 +66,8 @@ def host_batch(args: argparse.Namespace) -> dict[str, Any]:
             "segment_ids": tile(segments).astype(np.int32), "loss_mask": tile(mask)}
 
 
-def prepare_ours(args: argparse.Namespace, lora: bool) -> tuple[Callable[[], Any], float]:
+def prepare_ours(args: argparse.Namespace, lora: bool
+                 ) -> tuple[Callable[[], Any], float, float]:
     import jax
     import jax.numpy as jnp
 
@@ -62,7 +75,7 @@ def prepare_ours(args: argparse.Namespace, lora: bool) -> tuple[Callable[[], Any
     from lctx_jax import lora as lora_lib, training
     from lctx_jax.train_config import default_config
 
-    config = lx.ModelConfig.from_hf(demo_model())
+    config = lx.ModelConfig.from_hf(model_config(args))
     start = lx.Model.init(config, jax.random.key(0))
     lora_config = lora_lib.LoraConfig(rank=8) if lora else None
     model = lx.Model(config, start.params, dtype=jnp.dtype(args.dtype),
@@ -79,23 +92,24 @@ def prepare_ours(args: argparse.Namespace, lora: bool) -> tuple[Callable[[], Any
     begin = time.perf_counter()
     compiled = fns.train.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - begin
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
 
     def call() -> None:
         nonlocal state
         state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready(metrics["loss"])
 
-    return call, compile_s
+    return call, compile_s, temp_mib
 
 
-def prepare_transformers(args: argparse.Namespace) -> tuple[Callable[[], Any], None]:
+def prepare_transformers(args: argparse.Namespace) -> tuple[Callable[[], Any], None, None]:
     import torch
     import transformers as tf
 
     torch.manual_seed(0)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**demo_model())).to(device=device, dtype=dtype)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**model_config(args))).to(device=device, dtype=dtype)
     model.train()
     batch = {k: torch.as_tensor(v, device=device) for k, v in host_batch(args).items()}
     labels = torch.where(batch["loss_mask"] > 0, batch["targets"], -100).long()
@@ -114,16 +128,16 @@ def prepare_transformers(args: argparse.Namespace) -> tuple[Callable[[], Any], N
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return call, None
+    return call, None, None
 
 
 def measure(args: argparse.Namespace, impl: str) -> dict[str, Any]:
     if impl == "transformers":
-        call, compile_s = prepare_transformers(args)
+        call, compile_s, temp_mib = prepare_transformers(args)
     else:
-        call, compile_s = prepare_ours(args, lora=impl == "ours-lora")
+        call, compile_s, temp_mib = prepare_ours(args, lora=impl == "ours-lora")
     result = timed(call, args.repeats)
-    result["compile_s"] = compile_s
+    result["compile_s"], result["temp_mib"] = compile_s, temp_mib
     result["device"] = _device_peak_mib(impl)
     return result
 
@@ -144,6 +158,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--hidden", type=int, default=0, help="another hidden size (64-dim heads)")
+    parser.add_argument("--layers", type=int, default=0, help="another number of layers")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", metavar="IMPL", help=argparse.SUPPRESS)
@@ -153,7 +169,8 @@ def main() -> None:
         return
 
     shape = ["--batch", str(args.batch), "--length", str(args.length), "--dtype", args.dtype,
-             "--repeats", str(args.repeats)]
+             "--repeats", str(args.repeats), "--hidden", str(args.hidden), "--layers",
+             str(args.layers)]
     results = {impl: run_child(__file__, *shape, "--one", impl) for impl in IMPLS}
     import jax
     import torch
@@ -161,14 +178,15 @@ def main() -> None:
     import lctx_jax as lx
     from lctx_jax import training
     tokens = args.batch * args.length
-    flops = training.flops_per_token(lx.ModelConfig.from_hf(demo_model()), args.length)
+    flops = training.flops_per_token(lx.ModelConfig.from_hf(model_config(args)), args.length)
     peak = training.peak_flops(0.0)
     print(f"{jax.devices()[0].device_kind} ({cpu_model()}) | jax {jax.__version__} | torch "
-          f"{torch.__version__} | demo model, batch {args.batch} x {args.length}, {args.dtype}, "
-          f"median of {args.repeats} after one warm-up\n")
+          f"{torch.__version__} | model {model_config(args)['num_hidden_layers']} layers x "
+          f"hidden {model_config(args)['hidden_size']}, batch {args.batch} x {args.length}, "
+          f"{args.dtype}, median of {args.repeats} after one warm-up\n")
     print("| step | tokens/s | vs transformers | MFU | host peak MiB | device peak MiB "
-          "| compile s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| step temporaries MiB | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base = results["transformers"]["median_s"]
     for impl in IMPLS:
         r = results[impl]
@@ -176,8 +194,9 @@ def main() -> None:
         mfu = f"{100 * rate * flops / peak:.1f}%" if peak else "n/a"
         device = f"{r['device']:.0f}" if r["device"] else "n/a"
         compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] else "-"
+        temp = f"{r['temp_mib']:.1f}" if r["temp_mib"] else "-"
         print(f"| {impl} | {rate:.0f} | {base / r['median_s']:.2f}x | {mfu} "
-              f"| {r['peak_mib']:.0f} | {device} | {compile_s} |")
+              f"| {r['peak_mib']:.0f} | {device} | {temp} | {compile_s} |")
     save_run(args, results)
 
 

@@ -6,13 +6,14 @@ work). Reported (PG19, 7B): PI-8K reaches 7.12 after 200 steps; the 32K model sc
 sliding-window protocol of eval.py.
 
     python train.py --config configs/llama2_7b_pi_32k.py --config.init_from=/ckpt/Llama-2-7b-hf
-Sizing: 64 × 32K = 2M tokens per step; flash attention and full remat on a v5p-64 / 8×H100.
+Sizing (measured: `--compile_only=v5p:2x2x4`): v5p-32 (16 chips, fsdp=16), 4 micro-batches of one
+32K sequence per chip: train step peak 33.3 GiB of 95 GiB per chip, eval step 6.1 GiB.
 """
 
 from lctx_jax.train_config import pod_config, stage
 
 
-SLICE = "v5p:2x2x4"  # v5p-32, 16 chips: the measured sizing is in the docstring
+SLICE = "v5p:2x2x4"  # the slice the sizing above was measured on
 
 
 def get_config():

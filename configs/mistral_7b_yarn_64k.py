@@ -6,12 +6,14 @@ YaRN's Mistral models do) — train.py stops with this advice otherwise. Hyperpa
 YaRN's Llama-2 recipe: 400 steps, lr 2e-5, 20 warmup steps, global batch 64.
 
     python train.py --config configs/mistral_7b_yarn_64k.py --config.init_from=/ckpt/Mistral-7B-v0.1
+Sizing (measured: `--compile_only=v5p:2x4x4`): v5p-64 (32 chips, fsdp=8 × sequence=4), 8
+micro-batches, 16K tokens per chip: train step peak 36.6 GiB of 95 GiB per chip, eval 6.3 GiB.
 """
 
 from lctx_jax.train_config import pod_config, stage
 
 
-SLICE = "v5p:2x4x4"  # v5p-64, 32 chips: the measured sizing is in the docstring
+SLICE = "v5p:2x4x4"  # the slice the sizing above was measured on
 
 
 def get_config():

@@ -5,26 +5,31 @@ checkpoints that survive `kill -9`.
 
 Per stage (`lctx_jax.train_config.stage`): the model starts from the previous stage's weights
 (the first from `init_from`, or a fresh init), takes the stage's RoPE scaling and attention,
-and trains on packed sequences of `seq_len` tokens (`lctx_jax.data.PackedBatches`). The step is
-one jit: next-token cross-entropy averaged over the global batch's scored tokens, gradient
-accumulation as a `lax.scan` over micro-batches, gradients only for the trainable weights
-(LoRA+ or everything), AdamW with warmup and constant / linear / cosine decay, global-norm
-clipping; the state is donated. The loop never waits on the device except every `log_every`
-steps, when it reads the losses accumulated since the last log.
+and trains on packed sequences of `seq_len` tokens (`lctx_jax.data.PackedBatches`; each host
+reads the rows its devices hold). How a stage trains is planned from parameter shapes alone
+(`plan_stage`), which `--compile_only` (`lctx_jax.aot`) shares. The step is one jit:
+next-token cross-entropy averaged over the global batch's scored tokens with the LM head in
+chunks (`lctx_jax.losses`), gradient accumulation as a `lax.scan` over micro-batches,
+gradients only for the trainable weights (LoRA+ adapters inside the layers, or everything),
+AdamW with warmup and constant / linear / cosine decay, global-norm clipping; the state is
+donated. The loop never waits on the device except every `log_every` steps, when it reads the
+losses accumulated since the last log.
 
 run_dir layout:
     config.json           the resolved config (a resumed run must match it)
     checkpoints/<step>/   Orbax CheckpointManager (every `checkpoint_every` steps and at each
                           stage's end, the last `keep_checkpoints` kept): train state + the data
-                          iterator position + stage and step. Written to a temporary directory
-                          and renamed when complete, so a kill at any moment, mid-save too,
-                          leaves the previous checkpoint intact; a rerun of the same command
-                          resumes from it and reproduces the uninterrupted run exactly.
+                          iterator position + stage and step, committed by Orbax (temporary
+                          directory renamed locally, commit marker on GCS) with every process
+                          writing its shards, so a kill at any moment, mid-save too, leaves the
+                          previous checkpoint intact; a rerun of the same command resumes from it
+                          and reproduces the uninterrupted run exactly.
     models/<stage>/       each finished stage's weights (LoRA merged) as an lctx_jax checkpoint
                           (`lctx_jax.load`), the next stage's starting point
     hf/<stage>/           the last stage exported for transformers (`export_hf`), with the
                           tokenizer
     metrics.jsonl         one line per step: loss, grad_norm, lr; per stage end: eval loss
+                          (process 0, rewritten whole at each log: object stores cannot append)
     tensorboard/          the same as tensorboard scalars
 """
 

@@ -22,31 +22,16 @@ import numpy as np
 import pytest
 
 import lctx_jax as lx
+import test_training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = """
-import sys
-sys.path.insert(0, {tests!r})
-from test_training import TINY_MODEL
-from lctx_jax.train_config import default_config, stage
-
-def get_config():
-    c = default_config()
-    c.run_dir = "unset"
-    c.tokenizer = {tokenizer!r}
-    c.data.data_dir = {data_dir!r}
+BODY = """
     c.model = dict(TINY_MODEL, max_position_embeddings=64)
-    c.progress = False
     c.tensorboard = False
-    c.log_every = 1
-    c.checkpoint_every = 3
-    c.keep_checkpoints = 2
     c.eval_batches = 1
     c.mesh.update(data=1, fsdp={fsdp}, tensor=1, sequence={sequence})
     c.stages = [stage("a", seq_len=64, batch_size=4, steps=8, lr=3e-3, warmup_steps=2,
-                      attention={attention!r}, grad_accum=2)]
-    return c
-"""
+                      attention={attention!r}, grad_accum=2)]"""
 
 
 def free_port() -> int:
@@ -84,10 +69,8 @@ def losses(run_dir):
 @pytest.mark.parametrize("fsdp, sequence, attention", [(1, 8, "ring"), (8, 1, "xla")])
 def test_two_processes_train_resume_and_export_like_one(small_corpus, tmp_path, fsdp, sequence,
                                                          attention):
-    config_file = tmp_path / "mh.py"
-    config_file.write_text(CONFIG.format(
-        tests=str(ROOT / "tests"), tokenizer=small_corpus["tokenizer"],
-        data_dir=small_corpus["data_dir"], fsdp=fsdp, sequence=sequence, attention=attention))
+    config_file = test_training.config_file(tmp_path / "mh.py", small_corpus, BODY.format(
+        fsdp=fsdp, sequence=sequence, attention=attention))
     one = tmp_path / "one"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

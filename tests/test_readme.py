@@ -28,3 +28,9 @@ def test_quickstart_main_job_runs(tmp_path):
                              capture_output=True, text=True, timeout=600)
         assert "done: weights at" in out.stdout
         assert (tmp_path / "run" / "hf" / "extend" / "model.safetensors").exists()
+
+
+def test_ci_runs_the_quickstart_test_command():
+    """.ci/run must do exactly what the README's test command does."""
+    ci = (pathlib.Path(__file__).parent.parent / ".ci" / "run").read_text().splitlines()[-1]
+    assert ci in README.splitlines()

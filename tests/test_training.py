@@ -259,14 +259,27 @@ def get_config():
     c.log_every = 1
     c.checkpoint_every = 3
     c.keep_checkpoints = 2
+{body}
+    return c
+"""
+
+
+def config_file(path: pathlib.Path, workspace: dict, body: str) -> pathlib.Path:
+    """A train.py config file at `path`: the tiny model on the test corpus, every step logged,
+    checkpoints every 3 steps, plus `body` (indented lines of get_config setting the rest)."""
+    path.write_text(CONFIG_FILE.format(tests=str(ROOT / "tests"), body=body,
+                                       tokenizer=workspace["tokenizer"],
+                                       data_dir=workspace["data_dir"]))
+    return path
+
+
+TWO_STAGES = """
     c.eval_batches = 0
     c.export_hf = False
     c.stages = [stage("a", seq_len=32, batch_size=4, steps=9, lr=3e-3, warmup_steps=2,
                       schedule="cosine"),
                 stage("b", seq_len=64, batch_size=2, steps=6, lr=1e-3, grad_accum=2,
-                      rope_scaling={{"rope_type": "yarn", "factor": 2.0}})]
-    return c
-"""
+                      rope_scaling={"rope_type": "yarn", "factor": 2.0})]"""
 
 
 def _train_cmd(config_file: pathlib.Path, run_dir: pathlib.Path) -> list[str]:
@@ -275,12 +288,10 @@ def _train_cmd(config_file: pathlib.Path, run_dir: pathlib.Path) -> list[str]:
 
 
 def test_kill_9_and_rerun_reproduces_the_loss_trajectory_bit_for_bit(workspace, tmp_path):
-    config_file = tmp_path / "tiny.py"
-    config_file.write_text(CONFIG_FILE.format(tests=str(ROOT / "tests"), **{
-        k: workspace[k] for k in ("tokenizer", "data_dir")}))
+    config = config_file(tmp_path / "tiny.py", workspace, TWO_STAGES)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(config_file, straight), cwd=ROOT, env=env, check=True,
+    subprocess.run(_train_cmd(config, straight), cwd=ROOT, env=env, check=True,
                    capture_output=True)
     expected = read_metrics(straight)
     assert sorted(expected) == list(range(1, 16))
@@ -289,7 +300,7 @@ def test_kill_9_and_rerun_reproduces_the_loss_trajectory_bit_for_bit(workspace, 
     logs = []
     for checkpoint in (6, 12):  # killed in stage "a", then in stage "b"
         logs.append(tmp_path / f"killed-{checkpoint}.log")
-        proc = subprocess.Popen(_train_cmd(config_file, killed), cwd=ROOT, env=env,
+        proc = subprocess.Popen(_train_cmd(config, killed), cwd=ROOT, env=env,
                                 stdout=logs[-1].open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -301,7 +312,7 @@ def test_kill_9_and_rerun_reproduces_the_loss_trajectory_bit_for_bit(workspace, 
     assert "resumed at step 6/9" in logs[1].read_text()
     # What a save killed half-way leaves behind: an unfinished temporary step directory.
     (killed / "checkpoints" / "12.orbax-checkpoint-tmp-0").mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(_train_cmd(config_file, killed), cwd=ROOT, env=env, check=True,
+    out = subprocess.run(_train_cmd(config, killed), cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True)
     assert "resumed at step 3/6" in out.stdout
     got = read_metrics(killed)
