@@ -3,8 +3,8 @@
 The model is configs/demo.py's (a 4-layer Llama, hidden 256, vocab 4096). Per implementation, in
 a fresh process each (so peak memory is its own), one optimizer step on a [B, T] batch:
   ours          lctx_jax.training.make_step: next-token loss over packed documents (segment ids,
-                loss mask), global-norm clipping + AdamW (weight decay on matrices), state
-                donated, one jit
+                loss mask), global-norm clipping + AdamW (weight decay on kernels and
+                embeddings), state donated, one jit
   ours-lora     the same step for LongLoRA: S²-Attn, LoRA r=8 on q/k/v/o applied inside the
                 layers (x W + s·(x A) B), embeddings and norms trainable, the rest frozen
   transformers  LlamaForCausalLM (SDPA attention): loss.backward(), clip_grad_norm_,

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lctx_jax import lora as lora_lib, sharding, training
+from lctx_jax import lora as lora_lib, paths, sharding, training
 from lctx_jax.checkpoint import abstract_params
 from lctx_jax.train_config import ConfigError, base_hf_config, plain, validate
 
@@ -157,8 +157,8 @@ def _without_missing_rope_files(config: ml_collections.ConfigDict) -> ml_collect
     config = ml_collections.ConfigDict(plain(config))
     config.stages = [ml_collections.ConfigDict(stage) for stage in config.stages]
     for index, stage in enumerate(config.stages):
-        if isinstance(stage.rope_scaling, str) and not pathlib.Path(
-                stage.rope_scaling).expanduser().is_file():
+        if isinstance(stage.rope_scaling, str) and not paths.as_path(
+                stage.rope_scaling).is_file():
             print(f"note: config.stages[{index}].rope_scaling {stage.rope_scaling!r} does not "
                   "exist yet; sized with the base model's RoPE (memory does not depend on the "
                   "RoPE method)", flush=True)

@@ -32,10 +32,9 @@ def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
     path = paths.as_path(ckpt_dir)
     if is_complete(path):
         raise FileExistsError(f"{path} holds a checkpoint; choose a new directory or remove it")
-    if path.exists():  # left by an interrupted save
-        if jax.process_index() == 0:
-            path.rmtree()
-        _barrier("lctx_jax.save: cleared")
+    if jax.process_index() == 0 and path.exists():  # left by an interrupted save
+        path.rmtree()
+    _barrier("lctx_jax.save: cleared")  # every process, whatever it saw
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "params", model.params)
     checkpointer.wait_until_finished()

@@ -265,17 +265,16 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
 
 
 def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) pairs of the transformers checkpoint, layer by layer. Each leaf is brought
-    to the host once (gathered from every process when it is split across hosts, so on several
-    hosts every process must iterate)."""
+    """(name, array) pairs of the transformers checkpoint, layer by layer, each brought to the
+    host when it is yielded (gathered from every process when it is split across hosts, so on
+    several hosts every process must iterate)."""
     yield "model.embed_tokens.weight", to_host(params["embed"]["embedding"])
-    layers = {name: {leaf: to_host(value) for leaf, value in module.items()}
-              for name, module in params["layers"].items()}
+    layers = params["layers"]
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
         for ours, theirs in _NORMS:
-            yield prefix + f"{theirs}.weight", layers[ours]["scale"][i]
-        kernels = {ours: layers[ours]["kernel"][i].T for ours, _ in _LINEARS}
+            yield prefix + f"{theirs}.weight", to_host(layers[ours]["scale"][i])
+        kernels = {ours: to_host(layers[ours]["kernel"][i]).T for ours, _ in _LINEARS}
         if config.model_type == "phi3":
             for theirs, names in _FUSED.items():
                 yield prefix + f"{theirs}.weight", np.concatenate([kernels.pop(n) for n in names])
@@ -283,7 +282,7 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> Iterator[tup
             if ours in kernels:
                 yield prefix + f"{theirs}.weight", kernels[ours]
             if _has_bias(config, ours):
-                yield prefix + f"{theirs}.bias", layers[ours]["bias"][i]
+                yield prefix + f"{theirs}.bias", to_host(layers[ours]["bias"][i])
     yield "model.norm.weight", to_host(params["norm"]["scale"])
     if not config.tie_word_embeddings:
         yield "lm_head.weight", to_host(params["lm_head"]["kernel"]).T
@@ -309,6 +308,8 @@ def to_hf(model: Model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_S
     size = 0
     for name, array in tqdm(params_to_hf(model.params, model.config), desc="tensors",
                             disable=not (progress and writer)):
+        if not writer:  # took part in the gathering; keeps nothing
+            continue
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0

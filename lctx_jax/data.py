@@ -301,7 +301,8 @@ def _hf_tokenizer(path: Any) -> HFTokenizer:
     except Exception as err:  # tokenizers raises its own Exception type
         raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({err})") from err
     ids = {}
-    config_file, tokenizer_config = path.parent / "config.json", path.parent / "tokenizer_config.json"
+    config_file = path.parent / "config.json"
+    tokenizer_config = path.parent / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     special = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
     for which in ("bos", "eos"):

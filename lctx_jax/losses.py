@@ -36,9 +36,9 @@ CHUNK_TOKENS = 1024  # tokens per row per chunk: [B, 1024, V] f32 logits live at
 
 
 def num_chunks(length: int, chunk_tokens: int) -> int:
-    """The number of chunks n for T = `length` tokens: the smallest n with T/n <= chunk_tokens
-    that divides T, if T/n stays at least chunk_tokens/2; else ceil(T / chunk_tokens) (T is then
-    padded to a multiple of n)."""
+    """The number of chunks n for T = `length` tokens: the smallest n >= ceil(T / chunk_tokens)
+    that divides T, searched up to twice that (chunks of at least about chunk_tokens/2 tokens);
+    else ceil(T / chunk_tokens), T then padded to a multiple of n."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens}")
     least = -(-length // chunk_tokens)

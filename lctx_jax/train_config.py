@@ -38,7 +38,6 @@ Fields (see `default_config` for defaults):
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 from typing import Any
 
@@ -140,7 +139,7 @@ def rope_scaling_dict(value: Any, field: str) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value
     if isinstance(value, str):
-        path = pathlib.Path(value).expanduser()
+        path = paths.as_path(value)
         if not path.is_file():
             raise ConfigError(f"{field}: {value!r} is not a JSON file; give a rope_scaling dict "
                               "or the path of a JSON file holding one")
@@ -154,7 +153,7 @@ def base_hf_config(config: ml_collections.ConfigDict, published: bool = False
     published: when init_from holds no config.json yet, take the architecture of the published
     checkpoint it names (`lctx_jax.architectures`), as `--compile_only` does."""
     if config.init_from:
-        path = pathlib.Path(config.init_from).expanduser() / "config.json"
+        path = paths.as_path(config.init_from) / "config.json"
         if not path.is_file():
             shipped = architectures.published(config.init_from) if published else None
             if shipped is not None:

@@ -46,9 +46,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, paths, sharding
@@ -401,9 +403,13 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     started = time.perf_counter()
     mesh = _mesh(config)
     model_config = stage_model_config(config, index, base_hf)
-    start = _start_model(config, previous, model_config, mesh)
-    plan = plan_stage(config, index, model_config, start.params, mesh)
+    shapes = checkpoint.abstract_params(model_config, jnp.dtype(config.param_dtype), mesh)
+    plan = plan_stage(config, index, model_config, shapes, mesh)
     step_fns, lora = plan.step, plan.lora
+    feed = _Feed(config, stage, stage.grad_accum, plan.batch_sharding, tokenizer,
+                 config.data.split, config.seed + index)  # before the weights: fails early
+    batches = feed.batches
+    start = _start_model(config, previous, model_config, mesh)
     trainable, frozen = lora_lib.split(start.params, plan.mask)
     del start
     lora_params = ({} if lora is None else
@@ -412,9 +418,6 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     state = step_fns.init_state(trainable, lora_params)
     del trainable, lora_params
 
-    feed = _Feed(config, stage, stage.grad_accum, plan.batch_sharding, tokenizer,
-                 config.data.split, config.seed + index)
-    batches = feed.batches
     done = 0
     latest = manager.latest_step()
     if latest is not None and latest > offset:
@@ -427,7 +430,7 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
             raise ConfigError(f"the latest checkpoint (step {latest}) belongs to stage "
                               f"{meta['stage']!r}, not {stage.name!r}; the stages changed")
         state, done = restored["state"], meta["step"]
-        batches.set_state(meta["data"])
+        batches.set_state(feed.restored_state(meta["data"]))
         _say(f"stage {stage.name}: resumed at step {done}/{stage.steps} from checkpoint "
               f"{latest}")
 
@@ -455,7 +458,7 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
             progress.set_postfix(_postfix(last_loss, rate, mfu))
             pending, window_start, window_steps = [], time.perf_counter(), 0
         if (step + 1) % config.checkpoint_every == 0 or last:
-            meta = {"stage": stage.name, "step": step + 1, "data": batches.get_state()}
+            meta = {"stage": stage.name, "step": step + 1, "data": feed.state()}
             manager.save(offset + step + 1, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     progress.close()
@@ -486,13 +489,17 @@ def host_part(batch_sharding: Any, shape: tuple[int, int, int], process: int | N
     if batch_sharding is None:
         return tuple(range(rows)), 0, 1
     held = sharding.held_rows(batch_sharding, shape, axis=1)
+    process = jax.process_index() if process is None else process
+    if process not in held:
+        raise ConfigError(f"config.mesh: process {process} has no device in the mesh; "
+                          "config.mesh.num_devices must include every host's devices")
     sets = sorted(set(held.values()))
     if sum(len(s) for s in sets) != rows or len({len(s) for s in sets}) != 1:
         raise ConfigError(
             f"config.mesh: the hosts hold overlapping or unequal sets of the {rows} rows of each "
             f"micro-batch ({sets[:4]}...); choose mesh sizes whose batch split covers the hosts "
             "evenly")
-    mine = held[jax.process_index() if process is None else process]
+    mine = held[process]
     return mine, sets.index(mine), len(sets)
 
 
@@ -507,10 +514,25 @@ class _Feed:
                  seed: int):
         self.shape = (accum, stage.batch_size // stage.grad_accum, stage.seq_len)
         self.sharding = batch_sharding
-        self.rows, shard, shards = host_part(batch_sharding, self.shape)
+        self.rows, self.shard, shards = host_part(batch_sharding, self.shape)
         self.batches = data.PackedBatches(
             _documents(config, split), tokenizer, stage.seq_len, accum * len(self.rows), seed,
-            shard_index=shard, shard_count=shards, min_tokens=stage.min_doc_tokens)
+            shard_index=self.shard, shard_count=shards, min_tokens=stage.min_doc_tokens)
+
+    def state(self) -> dict[str, dict]:
+        """{shard index: its stream position} of every host's data shard, for a checkpoint
+        (Orbax writes JSON from process 0 only, so every host's position is gathered to it)."""
+        mine = self.batches.get_state()
+        if jax.process_count() == 1:
+            return {str(self.shard): mine}
+        keys = sorted(mine)
+        every = multihost_utils.process_allgather(np.asarray([mine[k] for k in keys]))
+        return {str(row[keys.index("shard_index")]): dict(zip(keys, map(int, row)))
+                for row in np.asarray(every)}
+
+    def restored_state(self, saved: dict) -> dict[str, int]:
+        """This host's position from `state()`'s dict (or a one-shard state of before)."""
+        return saved if "epoch" in saved else saved[str(self.shard)]
 
     def next(self) -> dict[str, jax.Array]:
         out = {}
@@ -560,16 +582,16 @@ def _export_hf(config: ml_collections.ConfigDict, model_dir: epath.Path,
     process 0 writes."""
     if (out_dir / "config.json").exists():
         return
-    model = checkpoint.load(model_dir, mesh=_mesh(config))
-    convert.to_hf(model, out_dir)
     tokenizer = data.load_tokenizer(tokenizer_path(config))
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # first: the model's config.json, written last, marks done
         main, *extra = tokenizer.files  # the file it was read from, under its canonical name
         paths.write_atomically(out_dir / main, tokenizer.source.read_bytes())
         for name in extra:
             if (tokenizer.source.parent / name).is_file():
                 paths.write_atomically(out_dir / name, (tokenizer.source.parent / name)
                                        .read_bytes())
+    model = checkpoint.load(model_dir, mesh=_mesh(config))
+    convert.to_hf(model, out_dir)
 
 
 def _postfix(loss: float, rate: float, mfu: float | None) -> dict[str, str]:

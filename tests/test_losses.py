@@ -10,7 +10,7 @@ import pytest
 
 import lctx_jax as lx
 from lctx_jax import losses
-from lctx_jax.model import head_kernel
+from lctx_jax.model import head_kernel, head_logits
 
 VOCAB = 96
 
@@ -59,6 +59,26 @@ def test_equals_full_logits_cross_entropy(tied, length, chunk):
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
         # f32 sums in another order: differences of a few ulp of the leaf's largest entry
         np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+
+
+def test_bf16_gradients_match_autodiff_of_full_logits():
+    """In bf16 the custom VJP casts dlogits to bf16 for its two matmuls, as autodiff of a bf16
+    head matmul does: its gradients agree with autodiff's to bf16 precision."""
+    model = tiny(False)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
+    model = lx.Model(model.config, params, dtype=jnp.bfloat16)
+    ids = jax.random.randint(jax.random.key(6), (2, 40), 0, VOCAB)
+
+    def full(params):
+        hidden = model.hidden(params, ids)
+        logits = head_logits(hidden, head_kernel(params, model.config), jnp.bfloat16)[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    ours = jax.grad(lambda p: lx.next_token_nll(model, ids, p, chunk_tokens=8))(params)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(jax.grad(full)(params))):
+        assert got.dtype == jnp.bfloat16
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, atol=2.0 ** -6 * np.abs(want).max())
 
 
 def test_defaults_and_empty_mask():

@@ -308,9 +308,11 @@ def _forward_hops(cfg: _Config, step: Callable[[xla.Stats, Tree], xla.Stats],
 
 
 def _repeat(times: int, body: Callable[..., Tree], carry: Tree) -> Tree:
-    """carry = body(i, carry) for i = 0 .. times − 1, as a `lax.while_loop`, never a scan. Why: when the layers' `lax.scan` is differentiated, JAX
-    partially evaluates its body to hoist loop-invariant work out of it, and positions and
-    segment ids are loop-invariant there. A scan in here would be split into a known scan
+    """carry = body(i, carry) for i = 0 .. times − 1, as a `lax.while_loop`, never a scan.
+
+    Why: when the layers' `lax.scan` is differentiated, JAX partially evaluates its body to
+    hoist loop-invariant work out of it, and positions and segment ids are loop-invariant
+    there. A scan in here would be split into a known scan
     (masks, cond predicates: functions of positions alone) and an unknown one, joined by their
     per-iteration values stacked over every hop and tile pair, O(T²/P) per device. A while
     loop is never split that way (it keeps no residuals), so the only residuals of a layer
