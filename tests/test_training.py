@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import lctx_jax as lx
-from lctx_jax import architectures, lora as lora_lib, training
+from lctx_jax import architectures, lora as lora_lib, paths, training
 from lctx_jax.train_config import ConfigError, default_config, stage, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -137,6 +137,16 @@ def _toy_step(accum: int, lora: lora_lib.LoraConfig | None):
     fns = training.make_step(model, model, tx, schedule)
     state = fns.init_state(trainable, lora_params)
     return fns.train(state, frozen, batch), frozen, model.params
+
+
+def test_paths_keep_urls_whole_and_write_atomically(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(paths.as_path("gs://bucket/runs/x")) == "gs://bucket/runs/x"
+    assert str(paths.as_path("runs/x")) == str(tmp_path / "runs" / "x")
+    assert str(paths.as_path("~/x")) == os.path.expanduser("~/x")
+    paths.write_atomically("runs/x/config.json", "{}")
+    paths.write_atomically(tmp_path / "runs" / "x" / "blob", b"\x00\x01")
+    assert sorted(p.name for p in (tmp_path / "runs" / "x").iterdir()) == ["blob", "config.json"]
 
 
 def test_weight_decay_applies_to_kernels_and_embeddings_only():
