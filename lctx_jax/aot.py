@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lctx_jax import lora as lora_lib, paths, sharding, training
+from lctx_jax import lora as lora_lib, paths, training
 from lctx_jax.checkpoint import abstract_params
 from lctx_jax.train_config import ConfigError, base_hf_config, plain, validate
 
@@ -129,7 +129,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[Stage
     if not hbm:
         raise ConfigError(f"--compile_only={topology!r}: unknown HBM for {devices[0].device_kind}")
     base_hf = base_hf_config(config, published=True)
-    mesh = _mesh(config, devices)
+    mesh = training.config_mesh(config, devices)
     print(f"{topology}: {len(devices)} chips ({devices[0].device_kind}, "
           f"{hbm / GIB:.1f} GiB HBM each), {hosts} hosts; mesh "
           + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()), flush=True)
@@ -164,16 +164,6 @@ def _without_missing_rope_files(config: ml_collections.ConfigDict) -> ml_collect
                   "RoPE method)", flush=True)
             stage.rope_scaling = None
     return config
-
-
-def _mesh(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
-    m = config.mesh
-    if m.num_devices:
-        devices = devices[:m.num_devices]
-    try:
-        return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
-    except ValueError as err:
-        raise ConfigError(f"config.mesh: {err}") from err
 
 
 def _compile_stage(config: ml_collections.ConfigDict, index: int, base_hf: dict, mesh: Any,

@@ -305,13 +305,19 @@ def _documents(config: ml_collections.ConfigDict, split: str) -> Any:
                             config.data.text_key)
 
 
-def _mesh(config: ml_collections.ConfigDict) -> Any:
-    """The configured mesh, or None when it would hold a single device."""
+def config_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Any:
+    """The mesh config.mesh describes over `devices` (default: every device; the first
+    num_devices when set), or None when it would hold a single device."""
     m = config.mesh
-    devices = jax.devices()[:m.num_devices] if m.num_devices else jax.devices()
+    devices = jax.devices() if devices is None else devices
+    if m.num_devices:
+        devices = devices[:m.num_devices]
     if len(devices) == 1:
         return None
-    return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
+    try:
+        return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
+    except ValueError as err:
+        raise ConfigError(f"config.mesh: {err}") from err
 
 
 def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
@@ -401,7 +407,7 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                  ) -> StageResult:
     stage = config.stages[index]
     started = time.perf_counter()
-    mesh = _mesh(config)
+    mesh = config_mesh(config)
     model_config = stage_model_config(config, index, base_hf)
     shapes = checkpoint.abstract_params(model_config, jnp.dtype(config.param_dtype), mesh)
     plan = plan_stage(config, index, model_config, shapes, mesh)
@@ -590,7 +596,7 @@ def _export_hf(config: ml_collections.ConfigDict, model_dir: epath.Path,
             if (tokenizer.source.parent / name).is_file():
                 paths.write_atomically(out_dir / name, (tokenizer.source.parent / name)
                                        .read_bytes())
-    model = checkpoint.load(model_dir, mesh=_mesh(config))
+    model = checkpoint.load(model_dir, mesh=config_mesh(config))
     convert.to_hf(model, out_dir)
 
 
