@@ -178,7 +178,7 @@ def main() -> None:
     import lctx_jax as lx
     from lctx_jax import training
     tokens = args.batch * args.length
-    flops = training.flops_per_token(lx.ModelConfig.from_hf(model_config(args)), args.length)
+    flops = training.flops_per_token(lx.models.config_from_hf(model_config(args)), args.length)
     peak = training.peak_flops(0.0)
     print(f"{jax.devices()[0].device_kind} ({cpu_model()}) | jax {jax.__version__} | torch "
           f"{torch.__version__} | model {model_config(args)['num_hidden_layers']} layers x "

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lctx_jax import paths, sharding
-from lctx_jax.model import Decoder, Model, ModelConfig, default_positions, Context
+from lctx_jax import models, paths
+from lctx_jax.model import Model, ModelSpec
 
 FORMAT = "lctx_jax.checkpoint/1"
 
@@ -55,21 +55,10 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def abstract_params(config: ModelConfig, param_dtype: Any, mesh: Any) -> Any:
+def abstract_params(config: Any, param_dtype: Any, mesh: Any) -> Any:
     """Shapes and dtypes of the parameter tree, each leaf carrying the sharding to restore into:
-    the sharding rules' on a mesh (`lctx_jax.sharding`), else the first device."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    ctx = Context(default_positions(ids), None, None, None, None)
-    shapes = jax.eval_shape(Decoder(config, param_dtype=param_dtype).init,
-                            jax.random.key(0), ids, ctx)["params"]
-    if mesh is None:
-        shardings = jax.tree.map(
-            lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
-    else:
-        shardings = sharding.param_shardings(shapes, mesh, config.head_dim)
-    return jax.tree.map(lambda s, target: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                               sharding=target),
-                        shapes, shardings)
+    the family's sharding rules on a mesh (`lctx_jax.sharding`), else the first device."""
+    return ModelSpec(config, mesh=mesh).abstract_params(param_dtype)
 
 
 def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32,
@@ -92,7 +81,7 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     meta = hf.pop("lctx_jax", {})
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    config = ModelConfig.from_hf(hf)
+    config = models.config_from_hf(hf)
     target = abstract_params(config, jnp.dtype(meta["param_dtype"]), mesh)
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)

@@ -30,7 +30,6 @@ Config fields (`default_config`):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lctx_jax import checkpoint, convert, data, evaluation, longrope_search, methods, paths
-from lctx_jax.model import Model, ModelConfig
+from lctx_jax.model import Model
 from lctx_jax.train_config import ConfigError, plain
 
 ROPE_MODES = ("per_length", "checkpoint")
@@ -168,15 +167,7 @@ def _for_length(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict,
         scaling = searched[length]
     else:
         scaling = methods.scaling(method, factor, config.original_length)
-    return dataclasses.replace(model, config=_with_rope(model, scaling))
-
-
-def _with_rope(model: Model, scaling: dict | None) -> ModelConfig:
-    """The model's config with its RoPE scaling replaced by `scaling` (None: plain RoPE)."""
-    hf = model.config.to_hf()
-    hf.pop("rope_parameters", None)
-    hf.pop("rope_scaling", None)
-    return ModelConfig.from_hf(hf, scaling)
+    return model.replace(config=model.config.with_rope_scaling(scaling))
 
 
 def _long_documents(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer, split: str,

@@ -25,70 +25,11 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from lctx_jax import paths, sharding
-from lctx_jax.model import Model, ModelConfig
+from lctx_jax import models, paths, sharding
+from lctx_jax.model import Model
 
-# Per layer: (our module, transformers' module under model.layers.N). Kernels are transposed:
-# torch Linear stores [out, in], flax Dense [in, out].
-_LINEARS = [("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-            ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-            ("down", "mlp.down_proj")]
-_NORMS = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
-_FUSED = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 MAX_SHARD_BYTES = 5 * 2**30
-
-
-def _out_features(config: ModelConfig) -> dict[str, int]:
-    c = config
-    return {"q": c.num_heads * c.head_dim, "k": c.num_kv_heads * c.head_dim,
-            "v": c.num_kv_heads * c.head_dim, "o": c.hidden_size, "gate": c.intermediate_size,
-            "up": c.intermediate_size, "down": c.hidden_size}
-
-
-def _in_features(config: ModelConfig) -> dict[str, int]:
-    c = config
-    return {"q": c.hidden_size, "k": c.hidden_size, "v": c.hidden_size,
-            "o": c.num_heads * c.head_dim, "gate": c.hidden_size, "up": c.hidden_size,
-            "down": c.intermediate_size}
-
-
-def _has_bias(config: ModelConfig, ours: str) -> bool:
-    if ours in ("q", "k", "v"):
-        return config.qkv_bias
-    return config.o_bias if ours == "o" else config.mlp_bias
-
-
-def hf_layer_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """transformers' tensor names under model.layers.N and their shapes."""
-    out_f, in_f = _out_features(config), _in_features(config)
-    layout: dict[str, tuple[int, ...]] = {}
-    for ours, theirs in _NORMS:
-        layout[f"{theirs}.weight"] = (config.hidden_size,)
-    fused = config.model_type == "phi3"
-    for ours, theirs in _LINEARS:
-        if fused and ours in ("q", "k", "v", "gate", "up"):
-            continue
-        layout[f"{theirs}.weight"] = (out_f[ours], in_f[ours])
-        if _has_bias(config, ours):
-            layout[f"{theirs}.bias"] = (out_f[ours],)
-    if fused:
-        for theirs, parts in _FUSED.items():
-            layout[f"{theirs}.weight"] = (sum(out_f[p] for p in parts), config.hidden_size)
-    return layout
-
-
-def hf_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of the transformers checkpoint, with its shape."""
-    c = config
-    layout = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-              "model.norm.weight": (c.hidden_size,)}
-    if not c.tie_word_embeddings:
-        layout["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        for name, shape in hf_layer_layout(c).items():
-            layout[f"model.layers.{i}.{name}"] = shape
-    return layout
 
 
 # ----------------------------------------------------------------------------- reading
@@ -155,8 +96,8 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def _check_names_and_shapes(reader: SafetensorsReader, config: ModelConfig) -> None:
-    layout = hf_layout(config)
+def _check_names_and_shapes(reader: SafetensorsReader, config: Any) -> None:
+    layout = models.family_of(config).hf_layout(config)
     present = {n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
@@ -175,55 +116,13 @@ def _check_names_and_shapes(reader: SafetensorsReader, config: ModelConfig) -> N
                              f"{shape}: the checkpoint and config.json do not belong together")
 
 
-def _layer_leaves(config: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(our module, leaf, per-layer shape) of every stacked leaf under "layers"."""
-    out_f, in_f = _out_features(config), _in_features(config)
-    leaves = [(ours, "scale", (config.hidden_size,)) for ours, _ in _NORMS]
-    for ours, _ in _LINEARS:
-        leaves.append((ours, "kernel", (in_f[ours], out_f[ours])))
-        if _has_bias(config, ours):
-            leaves.append((ours, "bias", (out_f[ours],)))
-    return leaves
-
-
-def _read_layer_leaf(reader: SafetensorsReader, config: ModelConfig, i: int, ours: str,
-                     leaf: str) -> np.ndarray:
-    """One layer's value of one of our leaves (kernels [in, out]); Phi-3's fused qkv /
-    gate_up rows are read as a row range of the fused tensor, never whole."""
-    prefix = f"model.layers.{i}."
-    if leaf == "scale":
-        return reader.get(prefix + dict(_NORMS)[ours] + ".weight")
-    theirs = dict(_LINEARS)[ours]
-    if leaf == "bias":
-        return reader.get(prefix + theirs + ".bias")
-    if config.model_type == "phi3":
-        for fused, names in _FUSED.items():
-            if ours in names:
-                out_f = _out_features(config)
-                start = sum(out_f[n] for n in names[:names.index(ours)])
-                return reader.get_rows(prefix + fused + ".weight", start, start + out_f[ours]).T
-    return reader.get(prefix + theirs + ".weight").T
-
-
-def iter_params_from_hf(reader: SafetensorsReader, config: ModelConfig, dtype: Any = None,
+def iter_params_from_hf(reader: SafetensorsReader, config: Any, dtype: Any = None,
                         progress: bool = False) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """(path, numpy array) of every leaf of the `lctx_jax.model.Decoder` parameter tree, one
-    leaf at a time: a stacked layer leaf [L, ...] is built from the L per-layer tensors and
-    dropped here once the caller moves on, so the host holds one leaf at a time."""
+    """(path, numpy array) of every leaf of the family decoder's parameter tree, one leaf at a
+    time (the family's `read_hf`), after checking every tensor's name and shape."""
     _check_names_and_shapes(reader, config)
-    embedding = reader.get("model.embed_tokens.weight")
-    dtype = np.dtype(embedding.dtype if dtype is None else dtype)
-    yield ("embed", "embedding"), embedding.astype(dtype, copy=False)
-    del embedding
-    for ours, leaf, shape in tqdm(_layer_leaves(config), desc="tensors", disable=not progress):
-        stacked = np.empty((config.num_layers, *shape), dtype)
-        for i in range(config.num_layers):
-            stacked[i] = _read_layer_leaf(reader, config, i, ours, leaf)
-        yield ("layers", ours, leaf), stacked
-        del stacked
-    yield ("norm", "scale"), reader.get("model.norm.weight").astype(dtype, copy=False)
-    if not config.tie_word_embeddings:
-        yield ("lm_head", "kernel"), reader.get("lm_head.weight").T.astype(dtype)
+    leaves = models.family_of(config).read_hf(reader, config, dtype)
+    yield from tqdm(leaves, desc="tensors", disable=not progress)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -247,14 +146,16 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     leaf is read, so host memory peaks at about one stacked leaf (e.g. all layers' gate
     kernels), not the model.
     """
-    config = ModelConfig.from_hf(read_hf_config(path), rope_scaling)
+    config = models.config_from_hf(read_hf_config(path), rope_scaling)
+    rules = models.family_of(config).sharding_rules
     params: dict = {}
     for leaf_path, host in iter_params_from_hf(SafetensorsReader(path), config, param_dtype,
                                                progress):
         if mesh is None:
             value = jax.device_put(host)
         else:
-            spec = sharding.param_spec("/".join(leaf_path), host.shape, mesh, config.head_dim)
+            spec = sharding.param_spec("/".join(leaf_path), host.shape, mesh, rules,
+                                       config.head_dim)
             value = sharding.place(host, jax.sharding.NamedSharding(mesh, spec))
         del host  # the device copy is all that is kept
         _set(params, leaf_path, value)
@@ -264,28 +165,11 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
 # ----------------------------------------------------------------------------- writing
 
 
-def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) pairs of the transformers checkpoint, layer by layer, each brought to the
-    host when it is yielded (gathered from every process when it is split across hosts, so on
-    several hosts every process must iterate)."""
-    yield "model.embed_tokens.weight", to_host(params["embed"]["embedding"])
-    layers = params["layers"]
-    for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        for ours, theirs in _NORMS:
-            yield prefix + f"{theirs}.weight", to_host(layers[ours]["scale"][i])
-        kernels = {ours: to_host(layers[ours]["kernel"][i]).T for ours, _ in _LINEARS}
-        if config.model_type == "phi3":
-            for theirs, names in _FUSED.items():
-                yield prefix + f"{theirs}.weight", np.concatenate([kernels.pop(n) for n in names])
-        for ours, theirs in _LINEARS:
-            if ours in kernels:
-                yield prefix + f"{theirs}.weight", kernels[ours]
-            if _has_bias(config, ours):
-                yield prefix + f"{theirs}.bias", to_host(layers[ours]["bias"][i])
-    yield "model.norm.weight", to_host(params["norm"]["scale"])
-    if not config.tie_word_embeddings:
-        yield "lm_head.weight", to_host(params["lm_head"]["kernel"]).T
+def params_to_hf(params: Mapping[str, Any], config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) pairs of the transformers checkpoint (the family's `write_hf`), each
+    brought to the host when it is yielded (gathered from every process when it is split
+    across hosts, so on several hosts every process must iterate)."""
+    return models.family_of(config).write_hf(params, config, to_host)
 
 
 def to_host(x: Any) -> np.ndarray:

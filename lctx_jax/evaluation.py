@@ -42,7 +42,7 @@ from matplotlib.ticker import FuncFormatter
 from lctx_jax import losses, paths
 from lctx_jax.data import Tokenizer
 from lctx_jax.generate import generate
-from lctx_jax.model import Model, head_kernel
+from lctx_jax.model import Model
 
 __all__ = ["Perplexity", "sliding_window_nll", "truncate_nll", "tokenize_documents",
            "PasskeyPrompt", "passkey_prompt", "passkey_accuracy", "write_report"]
@@ -176,7 +176,7 @@ def _score_windows(model: Model, windows: Iterable[tuple[np.ndarray, int, int]],
     def batch_nll(params: Any, ids: jax.Array, positions: jax.Array, segments: jax.Array,
                   score: jax.Array) -> tuple[jax.Array, jax.Array]:
         hidden = model.hidden(params, ids[:, :-1], positions, segments)
-        return losses.nll_sum(hidden, head_kernel(params, model.config), ids[:, 1:], score,
+        return losses.nll_sum(hidden, model.head(params), ids[:, 1:], score,
                               model.dtype)
 
     def empty() -> tuple[np.ndarray, ...]:  # fresh arrays: jax may alias a host array

@@ -1,4 +1,5 @@
-"""Autoregressive generation with a KV cache: one prefill call, then one jitted decode loop.
+"""Autoregressive generation with a decode state (the family's: a KV cache for LLaMA): one
+prefill call, then one jitted decode loop.
 
     tokens = generate(model, [[1, 5, 9], [1, 7]], max_new_tokens=32)   # greedy
     tokens = generate(model, ids, 64, temperature=0.8, top_p=0.95, rng=jax.random.key(0))
@@ -40,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx_jax.model import Context, Decoder, Model
+from lctx_jax import models
+from lctx_jax.layers import Context
+from lctx_jax.model import Model
 
 __all__ = ["generate"]
 
@@ -77,7 +80,6 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int = 32, *,
         raise ValueError("sampling (temperature > 0) needs rng, a jax.random key")
     eos_ids, pad_id = _eos_and_pad(model, eos_token_id)
     prompt, lengths = _left_padded(prompt_ids, prompt_lengths, pad_id)
-    model.check_length(prompt.shape[1] + max_new_tokens)
     if rng is None:
         rng = jax.random.key(0)  # unused by the greedy loop; keeps one signature
     return _generate(model.params, prompt, lengths, eos_ids, jnp.int32(pad_id),
@@ -149,7 +151,7 @@ def _prompt_layout(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array
                                              "greedy", "use_cache"))
 def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.Array,
               pad_id: jax.Array, temperature: jax.Array, top_p: jax.Array, rng: jax.Array, *,
-              module: Decoder, cache_dtype: jnp.dtype, max_new_tokens: int, greedy: bool,
+              module: Any, cache_dtype: jnp.dtype, max_new_tokens: int, greedy: bool,
               use_cache: bool) -> jax.Array:
     """Prefill at cache slot 0, then a while_loop of one-token steps that stops early once every
     row has emitted EOS. A step either decodes (feeds one token) or refreshes (feeds the whole
@@ -163,8 +165,7 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
         [prompt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
     positions, segments = _prompt_layout(lengths + max_new_tokens, total)
     positions, segments = positions[:, :size], segments[:, :size]
-    cache = {name: jnp.zeros((c.num_layers, batch, size, c.num_kv_heads, c.head_dim),
-                             cache_dtype) for name in ("k", "v")}
+    cache = models.family_of(c).decode_state(c, batch, size, cache_dtype)
 
     def forward(sequence: jax.Array, cache: dict, start: jax.Array | int, length: int,
                 known: jax.Array | int) -> tuple[jax.Array, dict]:

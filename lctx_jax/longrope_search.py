@@ -42,7 +42,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lctx_jax import losses, paths, rope as rope_lib
-from lctx_jax.model import head_kernel
 from lctx_jax.rope import RopeConfig
 
 N_HAT = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)  # kept start token choices
@@ -370,14 +369,14 @@ def perplexity_fitness(model: Any, documents: Sequence[Any], length: int,
         rows.append(doc[:length])
     ids = jnp.asarray(np.stack(rows), jnp.int32)  # [k, length]
     target = _longrope(rope, s)
-    forward = model if model.attention == "xla" else dataclasses.replace(model, attention="xla")
+    forward = model if model.attention == "xla" else model.replace(attention="xla")
 
     @jax.jit
     def mean_nll(params: Any, ids: jax.Array, arrays: rope_lib.RopeArrays) -> jax.Array:
         def nll(doc: jax.Array) -> jax.Array:  # [length] -> mean next-token nll
             targets, weights = losses.shifted_targets(doc[None])
             hidden = forward.hidden(params, doc[None], rope=arrays)
-            total, count = losses.nll_sum(hidden, head_kernel(params, forward.config), targets,
+            total, count = losses.nll_sum(hidden, forward.head(params), targets,
                                           weights, forward.dtype)
             return total / count
         return jnp.mean(jax.lax.map(nll, ids))

@@ -4,11 +4,12 @@ LoRA (Hu et al. 2021) freezes a kernel W [in, out] and learns W' = W + (alpha / 
 with A [in, r], B [r, out]. LongLoRA adds that, for long-context fine-tuning, the embedding and
 every norm must be trained too ("LoRA+"); lm_head stays frozen.
 
-The adapters are a tree of their own,
+Targets are the family's projection names (`lctx_jax.models.Family.lora_targets`; LLaMA's q, k,
+v, o, gate, up, down). The adapters are a tree of their own,
     {"layers": {name: {"a": [L, in, r], "b": [L, r, out]}}}
 (L layers, stacked like the model's `params["layers"]`). In training they are applied inside
 the layers: `Model(config, params, lora=cfg).apply(params, ids, adapters=adapters)` computes
-x W + scale · (x A) B per target (`lctx_jax.model.Linear`), so no merged copy of a frozen
+x W + scale · (x A) B per target (`lctx_jax.layers.Linear`), so no merged copy of a frozen
 kernel is formed and no gradient of W is computed. `merge` folds them into the kernels for
 export and between training stages (`lctx_jax.to_hf(Model(config, merge(...)), dir)`).
 
@@ -30,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections under params["layers"]
 TRAINABLE = ("embed", "norm", "lm_head")
 
 Tree = Any
@@ -50,11 +50,14 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be an int >= 1, got {self.rank!r}")
-        for field, allowed in (("targets", TARGETS), ("trainable", TRAINABLE)):
-            value = getattr(self, field)
-            if isinstance(value, str) or not set(value) <= set(allowed):
-                raise ValueError(f"LoraConfig.{field} must be a tuple of names from "
-                                 f"{', '.join(allowed)}; got {value!r}")
+        if (isinstance(self.targets, str) or not self.targets
+                or not all(isinstance(t, str) for t in self.targets)):
+            raise ValueError(f"LoraConfig.targets must be a non-empty tuple of projection "
+                             f"names (the model family's lora_targets, e.g. q, k, v, o); got "
+                             f"{self.targets!r}")
+        if isinstance(self.trainable, str) or not set(self.trainable) <= set(TRAINABLE):
+            raise ValueError(f"LoraConfig.trainable must be a tuple of names from "
+                             f"{', '.join(TRAINABLE)}; got {self.trainable!r}")
 
     @property
     def scale(self) -> float:
@@ -67,6 +70,10 @@ def init(params: Tree, config: LoraConfig, rng: jax.Array) -> Tree:
     uniform(±1/sqrt(in)) (PEFT's kaiming_uniform(a=√5) bound) and B [L, r, out] = 0, f32, so
     the merged model equals the base at init."""
     layers = params["layers"]
+    missing = [name for name in config.targets if "kernel" not in layers.get(name, {})]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not projections of this model; it has "
+                         f"{', '.join(n for n in layers if 'kernel' in layers[n])}")
     lora = {}
     for name, key in zip(config.targets, jax.random.split(rng, len(config.targets))):
         num_layers, fan_in, fan_out = layers[name]["kernel"].shape

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx_jax.model import Model, head_kernel, head_logits
+from lctx_jax.layers import head_logits
+from lctx_jax.model import Model, ModelSpec
 
 CHUNK_TOKENS = 1024  # tokens per row per chunk: [B, 1024, V] f32 logits live at once
 
@@ -53,7 +54,7 @@ def nll_sum(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax
             ) -> tuple[jax.Array, jax.Array]:
     """(Σ weights · nll, Σ weights), f32 scalars. hidden [B, T, H]; head [H, V]; targets int
     [B, T]; weights [B, T] (0 where a target does not count). `dtype`: the head matmul's
-    input dtype (f32 accumulation), as `lctx_jax.model.head_logits`. Differentiable in hidden
+    input dtype (f32 accumulation), as `lctx_jax.layers.head_logits`. Differentiable in hidden
     and head (`_chunked_nll`)."""
     batch, length, _ = hidden.shape
     n = num_chunks(length, chunk_tokens)
@@ -147,7 +148,7 @@ def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array | None = None,
     return targets, weights
 
 
-def next_token_nll(model: Model, input_ids: Any, params: Any = None, loss_mask: Any = None,
+def next_token_nll(model: Model | ModelSpec, input_ids: Any, params: Any = None, loss_mask: Any = None,
                    positions: Any = None, segment_ids: Any = None,
                    chunk_tokens: int = CHUNK_TOKENS) -> jax.Array:
     """Mean next-token NLL (f32 scalar) of `model` on input_ids [B, T]: position t predicts
@@ -162,6 +163,6 @@ def next_token_nll(model: Model, input_ids: Any, params: Any = None, loss_mask: 
         raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
     targets, weights = shifted_targets(input_ids, loss_mask, segment_ids)
     hidden = model.hidden(params, input_ids, positions, segment_ids)
-    total, count = nll_sum(hidden, head_kernel(params, model.config), targets, weights,
+    total, count = nll_sum(hidden, model.head(params), targets, weights,
                            model.dtype, chunk_tokens)
     return total / jnp.maximum(count, 1.0)

@@ -1,8 +1,8 @@
-"""Device meshes and the one table of sharding rules, for parameters and activations.
+"""Device meshes, and sharding by rules, for parameters and activations.
 
     mesh = lx.make_mesh(data=2, fsdp=1, tensor=1, sequence=4)    # 8 devices
-    model = lx.from_hf(path, mesh=mesh)                          # params placed by RULES
-    model(ids)                                                    # runs sharded (GSPMD)
+    model = lx.from_hf(path, mesh=mesh)     # params placed by the family's rules
+    model(ids)                               # runs sharded (GSPMD)
 
 The mesh has four named axes, always in this order (outermost first, so on a multi-host
 machine hosts split along "data" and the fast inner links carry "tensor" and "sequence"):
@@ -14,28 +14,19 @@ machine hosts split along "data" and the fast inner links carry "tensor" and "se
     sequence  the tokens of each sequence are split (ring attention with attention="ring";
               with "xla" / "flash" GSPMD gathers keys and values where attention needs them)
 
-Parameter layout (`RULES`; a leaf's "/"-joined path is matched at its end, so the same rules
-place optimizer states that mirror the parameter tree, e.g. "0/mu/layers/q/kernel"):
-
-    embed/embedding          [V, H]         P("tensor", "fsdp")
-    lm_head/kernel           [H, V]         P("fsdp", "tensor")
-    layers/{q,k,v}/kernel    [L, H, heads·D] P(None, "fsdp", "tensor")   column parallel
-    layers/{gate,up}/kernel  [L, H, F]      P(None, "fsdp", "tensor")   column parallel
-    layers/o/kernel          [L, heads·D, H] P(None, "tensor", "fsdp")   row parallel
-    layers/down/kernel       [L, F, H]      P(None, "tensor", "fsdp")   row parallel
-    layers/{q,k,v,gate,up}/bias [L, out]    P(None, "tensor")           split with its columns
-    layers/{o,down}/bias     [L, H]         replicated (added after the row-parallel sum)
-    *norm/scale              [L, H] / [H]   replicated
-    anything else            replicated (e.g. optimizer step counters)
-
-The stacked layer axis L (from nn.scan) is never split.
+Parameter layout: each model family brings its rules (`lctx_jax.models.Family.sharding_rules`,
+e.g. models/llama.py's Megatron layout): rows (pattern, PartitionSpec, heads dimension). A leaf's
+"/"-joined path is matched at its end, so the same rules place optimizer states that mirror the
+parameter tree (e.g. "0/mu/layers/q/kernel"); the first matching row wins; no match, or a leaf
+such as an optimizer step counter, is replicated. The stacked layer axis L (from nn.scan) is
+never split.
 
 Divisibility: an axis is dropped from a dimension's spec when the dimension is not divisible by
 that axis's size (times the axes already kept for it), and axes the mesh lacks are dropped, so
 every rule fits every model and mesh: e.g. a model with 2 key/value heads on tensor=4 keeps its
 k and v kernels whole on every tensor device (their q and o still split), and a vocabulary of
 32001 stays unsplit over "tensor". With `head_dim` given (Model and the loaders always give it),
-the heads dimensions of q/k/v (out) and o (in) count whole heads, so a head is never cut in two.
+a rule's heads dimension (e.g. q/k/v out, o in) counts whole heads: a head is never cut in two.
 Trailing unsplit dimensions are removed, so a fully replicated leaf has spec P().
 
 Activation layout: batch over ("data", "fsdp"), tokens over "sequence" (`activation_spec`):
@@ -46,9 +37,9 @@ input_ids, positions and segment_ids [B, T] -> P(("data", "fsdp"), "sequence"); 
 Where it is applied: `from_hf(..., mesh=)` and `load(dir, mesh=)` place each parameter straight
 into its rule sharding (each device receives only its shard); `Model.init(..., mesh=)` creates
 them so. `model(ids)` jits with these in_shardings and the activation out_sharding.
-`Model.apply` (the pure forward for training) constrains its params to the rules, so gradients
-come out split alike, and the Decoder constrains the hidden states, positions and segment ids
-to the activation layout (not with a KV cache). Everything else is GSPMD propagation. A
+`ModelSpec.apply` (the pure forward for training) constrains its params to the rules, so
+gradients come out split alike, and the decoder constrains the hidden states, positions and
+segment ids to the activation layout (not with a KV cache). Everything else is GSPMD propagation. A
 training step should give its params and optimizer state `param_shardings(...)` as
 out_shardings (optimizer states match the rules by path suffix).
 """
@@ -63,28 +54,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor", "sequence")
+# The mesh axis names, defined here only: everything else imports them.
 BATCH_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"
 SEQUENCE_AXIS = "sequence"
-
-# (pattern, spec, heads dimension or None). A pattern matches the end of a leaf's path, at a
-# "/" boundary. The heads dimension is the one that holds heads · head_dim, for
-# `param_shardings(..., head_dim=)`. The first matching row wins; no match: replicated.
-RULES: tuple[tuple[str, P, int | None], ...] = (
-    (r"embed/embedding", P("tensor", "fsdp"), None),
-    (r"lm_head/kernel", P("fsdp", "tensor"), None),
-    (r"layers/(q|k|v)/kernel", P(None, "fsdp", "tensor"), 2),
-    (r"layers/(gate|up)/kernel", P(None, "fsdp", "tensor"), None),
-    (r"layers/o/kernel", P(None, "tensor", "fsdp"), 1),
-    (r"layers/down/kernel", P(None, "tensor", "fsdp"), None),
-    (r"layers/(q|k|v)/bias", P(None, "tensor"), 1),
-    (r"layers/(gate|up)/bias", P(None, "tensor"), None),
-    (r"layers/(o|down)/bias", P(), None),
-    (r"\w*norm/scale", P(), None),
-)
-_COMPILED = tuple((re.compile(r"(^|/)" + pattern + r"$"), spec, heads)
-                  for pattern, spec, heads in RULES)
-
+AXES = (*BATCH_AXES, TENSOR_AXIS, SEQUENCE_AXIS)
 
 # ----------------------------------------------------------------------------- mesh
 
@@ -179,10 +153,17 @@ def _path_string(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def param_spec(path: str, shape: Sequence[int], mesh: Mesh, head_dim: int | None = None) -> P:
-    """The fitted PartitionSpec of the parameter (or optimizer-state leaf) at `path`."""
-    for pattern, spec, heads in _COMPILED:
-        if pattern.search(path):
+Rules = Sequence[tuple[str, P, "int | None"]]
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules,
+               head_dim: int | None = None) -> P:
+    """The fitted PartitionSpec of the parameter (or optimizer-state leaf) at `path` by the
+    first of `rules` (pattern, spec, heads dimension or None) whose pattern matches the end of
+    the path at a "/" boundary; no match: replicated. The heads dimension holds heads ·
+    head_dim and is split only between whole heads."""
+    for pattern, spec, heads in rules:
+        if re.search(r"(^|/)" + pattern + r"$", path):
             if len(tuple(spec)) > len(shape):  # e.g. an unstacked [in, out] kernel
                 spec = P(*tuple(spec)[len(tuple(spec)) - len(shape):])
                 heads = None if heads is None else heads - 1
@@ -191,17 +172,20 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, head_dim: int | None
     return P()
 
 
-def param_specs(params_or_shapes: Any, mesh: Mesh, head_dim: int | None = None) -> Any:
+def param_specs(params_or_shapes: Any, mesh: Mesh, rules: Rules,
+                head_dim: int | None = None) -> Any:
     """The PartitionSpec tree of a parameter tree (arrays, numpy or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: param_spec(_path_string(path), np.shape(leaf), mesh, head_dim),
+        lambda path, leaf: param_spec(_path_string(path), np.shape(leaf), mesh, rules,
+                                      head_dim),
         params_or_shapes)
 
 
-def param_shardings(params_or_shapes: Any, mesh: Mesh, head_dim: int | None = None) -> Any:
+def param_shardings(params_or_shapes: Any, mesh: Mesh, rules: Rules,
+                    head_dim: int | None = None) -> Any:
     """The NamedSharding tree of a parameter tree (or of an optimizer state mirroring it)."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                        param_specs(params_or_shapes, mesh, head_dim),
+                        param_specs(params_or_shapes, mesh, rules, head_dim),
                         is_leaf=lambda x: isinstance(x, P))
 
 

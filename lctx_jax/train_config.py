@@ -48,7 +48,8 @@ from etils import epath
 from lctx_jax import architectures, paths
 from lctx_jax.attention import IMPLEMENTATIONS
 from lctx_jax.lora import LoraConfig
-from lctx_jax.model import REMAT_POLICIES, ModelConfig
+from lctx_jax import models
+from lctx_jax.layers import REMAT_POLICIES
 
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -208,23 +209,26 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
                           "config.tokenizer_vocab_size > 0 one is trained there if missing)")
     base = base_hf_config(config, published)
     try:
-        model = ModelConfig.from_hf(base)
+        model = models.config_from_hf(base)
     except (KeyError, ValueError) as err:
         source = "config.init_from's config.json" if config.init_from else "config.model"
         raise ConfigError(f"{source}: {err}") from err
+    targets = models.family_of(model).lora_targets
+    if config.lora.rank and not set(config.lora.targets) <= set(targets):
+        raise ConfigError(f"config.lora.targets={tuple(config.lora.targets)}: a "
+                          f"{model.model_type} model's projections are {', '.join(targets)}")
     stages = list(config.stages)
     if not stages:
         raise ConfigError("config.stages is empty; add at least one stage(...) "
                           "(see lctx_jax.train_config)")
     names = [plain(s.name) for s in stages]
     for i, s in enumerate(stages):
-        _validate_stage(s, f"config.stages[{i}]", base, model)
+        _validate_stage(s, f"config.stages[{i}]", base)
     if len(set(names)) != len(names):
         raise ConfigError(f"config.stages: names must be unique, got {names}")
 
 
-def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict, model: ModelConfig
-                    ) -> None:
+def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> None:
     unknown = set(s.keys()) - set(STAGE_FIELDS)
     if unknown:
         raise ConfigError(f"{field} has unknown fields {sorted(unknown)}; known: {STAGE_FIELDS}")
@@ -253,13 +257,9 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict, model:
         raise ConfigError(f"{field}.min_doc_tokens={s.min_doc_tokens} must be >= 0")
     scaling = rope_scaling_dict(s.rope_scaling, f"{field}.rope_scaling")
     try:
-        ModelConfig.from_hf(base, scaling)
+        models.config_from_hf(base, scaling)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{field}.rope_scaling: {err}") from err
-    if model.sliding_window is not None and s.seq_len > model.sliding_window:
-        raise ConfigError(f"{field}.seq_len={s.seq_len} exceeds the model's sliding_window="
-                          f"{model.sliding_window}, which lctx_jax does not implement; set "
-                          "sliding_window to null in config.json to train with full attention")
 
 
 def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:

@@ -53,8 +53,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, paths, sharding
-from lctx_jax.model import Model, ModelConfig, head_kernel
+from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, models, paths, sharding
+from lctx_jax.model import Model, ModelSpec
 from lctx_jax.train_config import (ConfigError, base_hf_config, fingerprint, lora_config, plain,
                                    rope_scaling_dict, tokenizer_path, validate)
 
@@ -108,14 +108,9 @@ def optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6·N for the matmul weights outside the
-    embedding table, plus 12·layers·heads·head_dim·T for attention (no causal discount)."""
-    c = config
-    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    weights = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
-    return 6.0 * weights + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token of the config's family (`Family.flops_per_token`)."""
+    return models.family_of(config).flops_per_token(config, seq_len)
 
 
 def peak_flops(override_tflops: float) -> float | None:
@@ -142,14 +137,14 @@ class Step:
     init_state: Callable[[Any, Any], Any]
 
 
-def make_step(model: Model, eval_model: Model, tx: optax.GradientTransformation,
+def make_step(model: ModelSpec, eval_model: ModelSpec, tx: optax.GradientTransformation,
               schedule: optax.Schedule, state_shardings: Any = None) -> Step:
     """batch: dict of [A, B/A, T] arrays (A micro-batches): input_ids, targets, positions,
     segment_ids, loss_mask. The loss is the mean over every scored token of all A micro-batches
     (sums accumulated, divided once), so A only trades memory for time. With `model.lora`, the
-    state's "lora" adapters are applied inside the layers (`Model.apply(..., adapters=)`)."""
+    state's "lora" adapters are applied inside the layers (`ModelSpec.apply(..., adapters=)`)."""
 
-    def batch_nll(model: Model, weights: tuple, frozen: Any, batch: dict
+    def batch_nll(model: ModelSpec, weights: tuple, frozen: Any, batch: dict
                   ) -> tuple[jax.Array, jax.Array]:
         """(summed nll, scored tokens): LoRA adapters applied inside the layers, the LM head
         in chunks (`lctx_jax.losses`)."""
@@ -158,7 +153,7 @@ def make_step(model: Model, eval_model: Model, tx: optax.GradientTransformation,
         hidden = model.hidden(params, batch["input_ids"], batch["positions"],
                               batch["segment_ids"],
                               adapters=lora_params if model.lora is not None else None)
-        return losses.nll_sum(hidden, head_kernel(params, model.config), batch["targets"],
+        return losses.nll_sum(hidden, model.head(params), batch["targets"],
                               batch["loss_mask"], model.dtype)
 
     grad_fn = jax.value_and_grad(functools.partial(batch_nll, model), argnums=0, has_aux=True)
@@ -321,7 +316,7 @@ def config_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = N
 
 
 def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
-                 model_config: ModelConfig, mesh: Any) -> Model:
+                 model_config: Any, mesh: Any) -> Model:
     """The stage's starting weights as a Model with the stage's config (RoPE scaling)."""
     param_dtype = jnp.dtype(config.param_dtype)
     if previous is not None:
@@ -342,11 +337,11 @@ def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
 class StagePlan:
     """How one stage trains, built from parameter shapes alone (train.py's run and
     `--compile_only` share it): the model with the stage's RoPE scaling, attention, remat, mesh
-    and LoRA (its params are shapes; the weights live in the train state), the trainable mask,
+    and LoRA (a ModelSpec: the weights live in the train state), the trainable mask,
     the optimizer, the compiled step functions and the shardings of their inputs."""
 
-    model: Model
-    eval_model: Model
+    model: ModelSpec
+    eval_model: ModelSpec
     mask: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -360,22 +355,22 @@ class StagePlan:
 
 
 def stage_model_config(config: ml_collections.ConfigDict, index: int, base_hf: dict
-                       ) -> ModelConfig:
+                       ) -> Any:
     """The architecture with stage `index`'s RoPE scaling."""
     scaling = rope_scaling_dict(config.stages[index].rope_scaling,
                                 f"config.stages[{index}].rope_scaling")
-    return ModelConfig.from_hf(base_hf, scaling)
+    return models.config_from_hf(base_hf, scaling)
 
 
-def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: ModelConfig,
+def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Any,
                param_shapes: Any, mesh: Any) -> StagePlan:
     """The StagePlan of stage `index` for parameters of `param_shapes` (arrays or
     ShapeDtypeStructs) on `mesh` (None: one device)."""
     stage = config.stages[index]
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), param_shapes)
     lora = lora_config(config)
-    model = Model(model_config, shapes, dtype=jnp.dtype(config.dtype),
-                  attention=stage.attention, remat=config.remat, mesh=mesh, lora=lora)
+    model = ModelSpec(model_config, dtype=jnp.dtype(config.dtype), attention=stage.attention,
+                      remat=config.remat, mesh=mesh, lora=lora)
     eval_model = dataclasses.replace(model, attention="xla" if stage.attention == "s2"
                                      else stage.attention, remat="none")
     mask = lora_lib.trainable_mask(shapes, lora)
@@ -389,7 +384,7 @@ def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Mode
                                                 "trainable": t, "lora": l,
                                                 "opt_state": tx.init((t, l))},
                                   trainable, _lora_shapes(shapes, lora))
-        state_shardings = sharding.param_shardings(abstract, mesh, model_config.head_dim)
+        state_shardings = model.param_shardings(abstract)
     return StagePlan(model, eval_model, mask, tx, schedule,
                      make_step(model, eval_model, tx, schedule, state_shardings),
                      state_shardings, _batch_sharding(mesh, stage))

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Phi3Config, Phi3ForCausalLM)
 
 from lctx_jax.convert import from_hf
 from lctx_jax.generate import generate
-from lctx_jax.model import Context
+from lctx_jax.layers import Context
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
@@ -88,6 +89,18 @@ def test_greedy_equals_transformers_llama(llama):
     out = generate(model, ids, 24)
     assert out.shape == (2, 34) and out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out), hf_generate(hf_model, ids, 24))
+
+
+def test_greedy_equals_transformers_with_a_sliding_window(tmp_path_factory):
+    """Mistral with a window of 8: prompt 10 + 24 new tokens, so most steps attend to a window
+    that excludes the prompt's start; transformers' generate and full forward agree."""
+    torch.manual_seed(0)
+    hf_model, model = _save(tmp_path_factory, "mistral", MistralForCausalLM(MistralConfig(
+        max_position_embeddings=256, sliding_window=8, **TINY)))
+    ids = prompts(2, 10)
+    expected = hf_full_forward_greedy(hf_model, ids, 24)
+    np.testing.assert_array_equal(hf_generate(hf_model, ids, 24), expected)
+    np.testing.assert_array_equal(np.asarray(generate(model, ids, 24)), expected)
 
 
 def test_greedy_equals_transformers_phi3_longrope_across_the_switch(phi3_longrope):

@@ -182,11 +182,18 @@ def test_adamw_trains_only_trainable_and_adapters(model):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(rank=0), "rank"), (dict(targets=("qkv",)), "targets"), (dict(targets="q"), "targets"),
+    (dict(rank=0), "rank"), (dict(targets=()), "targets"), (dict(targets="q"), "targets"),
     (dict(trainable=("embeddings",)), "trainable")])
 def test_rejects_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=f"LoraConfig.{field}"):
         lora.LoraConfig(**kwargs)
+
+
+def test_targets_must_be_projections_of_the_family(model):
+    with pytest.raises(ValueError, match="qkv"):
+        model.replace(lora=lora.LoraConfig(targets=("qkv",)))
+    with pytest.raises(ValueError, match="qkv"):
+        lora.init(model.params, lora.LoraConfig(targets=("qkv",)), jax.random.key(0))
 
 
 def test_merged_export_matches_transformers(model, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 import lctx_jax as lx
 from lctx_jax import losses
-from lctx_jax.model import head_kernel, head_logits
+from lctx_jax.layers import head_logits
 
 VOCAB = 96
 
@@ -71,7 +71,7 @@ def test_bf16_gradients_match_autodiff_of_full_logits():
 
     def full(params):
         hidden = model.hidden(params, ids)
-        logits = head_logits(hidden, head_kernel(params, model.config), jnp.bfloat16)[:, :-1]
+        logits = head_logits(hidden, model.head(params), jnp.bfloat16)[:, :-1]
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
     ours = jax.grad(lambda p: lx.next_token_nll(model, ids, p, chunk_tokens=8))(params)
@@ -118,5 +118,5 @@ def test_compiled_loss_never_holds_full_logits():
 
 def test_tied_head_is_the_embedding():
     model = tiny(True)
-    np.testing.assert_array_equal(head_kernel(model.params, model.config),
+    np.testing.assert_array_equal(model.head(model.params),
                                   model.params["embed"]["embedding"].T)

@@ -5,6 +5,7 @@ Weights are drawn with initializer_range 0.2 so logits are O(1) and a wrong rota
 norm shows up far above the 1e-4 tolerance (f32 accumulation-order differences are ~1e-6).
 """
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -37,9 +38,13 @@ FAMILIES = {
     "llama-dynamic": (tf.LlamaForCausalLM, tf.LlamaConfig, {
         "max_position_embeddings": 64, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}),
     "mistral": (tf.MistralForCausalLM, tf.MistralConfig, {"sliding_window": None}),
+    "mistral-window": (tf.MistralForCausalLM, tf.MistralConfig, {"sliding_window": 24}),
     "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config, {"tie_word_embeddings": True}),
+    "qwen2-window": (tf.Qwen2ForCausalLM, tf.Qwen2Config, {
+        "use_sliding_window": True, "sliding_window": 24, "max_window_layers": 0}),
     "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config, {
         "original_max_position_embeddings": 64, "rope_scaling": LONGROPE, "pad_token_id": 0}),
+    "phi3-window": (tf.Phi3ForCausalLM, tf.Phi3Config, {"sliding_window": 24, "pad_token_id": 0}),
     "phi3-partial": (tf.Phi3ForCausalLM, tf.Phi3Config, {
         "partial_rotary_factor": 0.5, "pad_token_id": 0, "original_max_position_embeddings": 64,
         "rope_scaling": {**LONGROPE, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}}),
@@ -88,7 +93,7 @@ def test_rope_scaling_override_matches_transformers_with_that_config(tmp_path):
     np.testing.assert_allclose(np.asarray(model(ids)), hf_logits(reference, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama-bias", "qwen2", "phi3"])
+@pytest.mark.parametrize("family", ["llama-bias", "qwen2", "qwen2-window", "phi3"])
 def test_to_hf_round_trip(family, tmp_path):
     hf = make_hf(family, tmp_path / "src")
     model = lx.from_hf(tmp_path / "src")
@@ -233,12 +238,22 @@ def test_half_written_orbax_checkpoint(tmp_path):
         lx.load(tmp_path / "ckpt")
 
 
-def test_sliding_window_is_never_silently_ignored(tmp_path):
-    make_hf("mistral", tmp_path, sliding_window=16)
-    model = lx.from_hf(tmp_path)
-    model(random_ids(1, 16))  # within the window: full attention is exact
-    with pytest.raises(ValueError, match="sliding_window=16"):
-        model(random_ids(1, 17))
+def test_sliding_window_changes_what_is_seen_past_the_window(tmp_path):
+    """The windowed families above match transformers at 200 tokens (test_logits_equal_
+    transformers); here: the window is what makes them differ from full attention, and only
+    from the first query whose window excludes a key (position 24 for a window of 24)."""
+    make_hf("mistral-window", tmp_path)
+    windowed = lx.from_hf(tmp_path)
+    full = windowed.replace(config=dataclasses.replace(windowed.config, sliding_window=None))
+    ids = random_ids(1, 40)
+    diff = np.abs(np.asarray(windowed(ids)) - np.asarray(full(ids))).max(axis=-1)[0]
+    assert diff[:24].max() < 1e-6 and diff[24:].min() > 1e-3
+
+
+def test_qwen2_with_some_sliding_layers_is_refused(tmp_path):
+    make_hf("qwen2", tmp_path, use_sliding_window=True, sliding_window=24, max_window_layers=1)
+    with pytest.raises(ValueError, match="max_window_layers"):
+        lx.from_hf(tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama-yarn", "phi3-partial"])

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import lctx_jax as lx
 from lctx_jax import sharding
+from lctx_jax.models.llama import SHARDING_RULES as RULES
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -92,7 +93,7 @@ def test_make_mesh_errors(kwargs, message):
 def test_rules_for_a_tiny_config(reference):
     shapes = jax.eval_shape(lambda p: p, reference.params)
     mesh = lx.make_mesh(data=1, fsdp=2, tensor=4)
-    specs = flat(sharding.param_specs(shapes, mesh, head_dim=HIDDEN // HEADS))
+    specs = flat(sharding.param_specs(shapes, mesh, RULES, head_dim=HIDDEN // HEADS))
     assert specs == {
         "embed/embedding": P("tensor", "fsdp"),
         "lm_head/kernel": P("fsdp", "tensor"),
@@ -113,16 +114,16 @@ def test_rules_for_a_tiny_config(reference):
         "layers/down/kernel": P(None, "tensor", "fsdp"),
     }
     # without head_dim only the flat size counts: 2 heads · 16 = 32 splits 4 ways
-    assert flat(sharding.param_specs(shapes, mesh))["layers/k/kernel"] == P(None, "fsdp",
+    assert flat(sharding.param_specs(shapes, mesh, RULES))["layers/k/kernel"] == P(None, "fsdp",
                                                                             "tensor")
     # tensor=2: kv heads split; a mesh lacking axes drops them; optimizer states follow
     mesh2 = lx.make_mesh(data=4, tensor=2)
-    assert flat(sharding.param_specs(shapes, mesh2, 16))["layers/k/kernel"] == P(
+    assert flat(sharding.param_specs(shapes, mesh2, RULES, 16))["layers/k/kernel"] == P(
         None, "fsdp", "tensor")
     data_only = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    assert set(flat(sharding.param_specs(shapes, data_only)).values()) == {P()}
+    assert set(flat(sharding.param_specs(shapes, data_only, RULES)).values()) == {P()}
     adam = jax.eval_shape(optax.adam(1e-3).init, shapes)
-    adam_specs = flat(sharding.param_specs(adam, mesh, 16))
+    adam_specs = flat(sharding.param_specs(adam, mesh, RULES, 16))
     assert adam_specs["0/mu/layers/down/kernel"] == P(None, "tensor", "fsdp")
     assert adam_specs["0/count"] == P()
 
@@ -130,8 +131,8 @@ def test_rules_for_a_tiny_config(reference):
 def test_non_divisible_axes_are_dropped():
     mesh = lx.make_mesh(data=1, fsdp=2, tensor=4)
     # a vocabulary of 129 splits over neither; hidden 128 still splits over fsdp
-    assert sharding.param_spec("embed/embedding", (129, 128), mesh) == P(None, "fsdp")
-    assert sharding.param_spec("layers/gate/kernel", (2, 127, 96), mesh) == P(None, None,
+    assert sharding.param_spec("embed/embedding", (129, 128), mesh, RULES) == P(None, "fsdp")
+    assert sharding.param_spec("layers/gate/kernel", (2, 127, 96), mesh, RULES) == P(None, None,
                                                                               "tensor")
     # batch over ("data", "fsdp") keeps the axes that divide it, sequence only if T divides
     mesh = lx.make_mesh(data=2, fsdp=2, sequence=2)
@@ -149,7 +150,8 @@ def test_non_divisible_axes_are_dropped():
 def test_from_hf_places_every_param_by_its_rule(hf_dir, reference, sizes):
     mesh = lx.make_mesh(**sizes)
     model = lx.from_hf(hf_dir, mesh=mesh)
-    expected = flat(sharding.param_shardings(model.params, mesh, model.config.head_dim))
+    expected = flat(sharding.param_shardings(model.params, mesh, RULES,
+                                            model.config.head_dim))
     host = flat(reference.params)
     for path, leaf in flat(model.params).items():
         assert leaf.sharding == expected[path], path
@@ -170,7 +172,8 @@ def test_orbax_load_into_the_rule_shardings(hf_dir, reference, tmp_path):
     lx.save(lx.from_hf(hf_dir, mesh=lx.make_mesh(data=2, sequence=4)), tmp_path / "ckpt")
     mesh = lx.make_mesh(data=2, fsdp=2, tensor=2)  # a different mesh from the one saved
     model = lx.load(tmp_path / "ckpt", mesh=mesh)
-    expected = flat(sharding.param_shardings(model.params, mesh, model.config.head_dim))
+    expected = flat(sharding.param_shardings(model.params, mesh, RULES,
+                                            model.config.head_dim))
     for path, leaf in flat(model.params).items():
         assert leaf.sharding == expected[path], path
     ids = random_ids(4, 32)
@@ -218,8 +221,7 @@ def train_step(model, optimizer):
     if model.mesh is None:
         return jax.jit(step)
     params = model.param_shardings
-    states = sharding.param_shardings(jax.eval_shape(optimizer.init, model.params), model.mesh,
-                                      model.config.head_dim)
+    states = model.spec.param_shardings(jax.eval_shape(optimizer.init, model.params))
     return jax.jit(step, out_shardings=(params, states, None, None))
 
 
@@ -239,8 +241,8 @@ def test_sequence_parallel_train_step_equals_unsharded(hf_dir, reference, sizes)
 
     tokens = sharding.activation_sharding(mesh, ids.shape)
     step = train_step(model, optimizer)
-    opt_state = jax.jit(optimizer.init, out_shardings=sharding.param_shardings(
-        jax.eval_shape(optimizer.init, model.params), mesh, model.config.head_dim))(model.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=model.spec.param_shardings(
+        jax.eval_shape(optimizer.init, model.params)))(model.params)
     params, opt_state, loss, grads = step(model.params, opt_state, jax.device_put(ids, tokens),
                                           jax.device_put(segments, tokens))
     np.testing.assert_allclose(float(loss), float(ref_loss), atol=1e-5, rtol=0)
@@ -259,11 +261,6 @@ def test_sequence_parallel_train_step_equals_unsharded(hf_dir, reference, sizes)
 
 def test_ring_model_equals_xla_on_a_mesh(hf_dir):
     mesh = lx.make_mesh(data=2, sequence=4)
-    q = jnp.zeros((2, 8, 2, 4))
-    try:
-        lx.attention.attend(q, q, q, impl="ring", mesh=mesh)
-    except NotImplementedError:
-        pytest.skip("attention='ring' is not implemented yet")
     xla = lx.from_hf(hf_dir, mesh=mesh)
     ring = lx.from_hf(hf_dir, mesh=mesh, attention="ring")
     ids = random_ids(2, 64, seed=2)

@@ -1,0 +1,121 @@
+"""Model families: what each architecture brings, and the registry from config.json's
+`model_type` to its family.
+
+A family is one module (e.g. ./llama.py) exposing a `Family`; one registry line below makes
+every entry point (from_hf / to_hf, save / load, generate, sharding, LoRA, training,
+evaluation) handle it. The rest of the library reaches architecture-specific facts only
+through the family of a config (`family_of(config)`), never through a family's own names.
+
+Contract of the decoder module (`Family.decoder`): a linen Module built as
+`decoder(config, dtype, param_dtype, attention, remat, mesh, lora_scale)` and called as
+`decoder(input_ids [B, T], ctx: layers.Context, state=None, logits=True) -> (out, state)`:
+out is f32 logits [B, T, vocab], or with logits=False the final-normed hidden states [B, T, H];
+`state` is the decode state of `Family.decode_state` (None: no state, a training/eval call).
+Parameter names follow `lctx_jax.layers`' contract (embed/embedding, lm_head/kernel,
+*norm/scale, Linear kernels), which LoRA's trainable leaves and the LM head rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+from jax.sharding import PartitionSpec
+
+Rules = tuple[tuple[str, PartitionSpec, "int | None"], ...]
+
+
+class Config(Protocol):
+    """What every family's config class offers (see models/llama.py's ModelConfig)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    head_dim: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None
+    pad_token_id: int | None
+
+    def to_hf(self) -> dict[str, Any]: ...
+
+    def with_rope_scaling(self, rope_scaling: Mapping[str, Any] | None) -> "Config": ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One architecture.
+
+    model_types: the config.json model_type values it reads.
+    config: its config class; `config.from_hf(hf_dict, rope_scaling=None)` reads config.json.
+    decoder: its Flax module (contract in the module docstring).
+    hf_layout(config) -> {tensor name: shape} of its transformers checkpoint.
+    read_hf(reader, config, dtype) -> iterator of (parameter path, numpy array), one leaf at a
+        time (`lctx_jax.convert.SafetensorsReader` gives the tensors).
+    write_hf(params, config, to_host) -> iterator of (tensor name, numpy array), each brought to
+        the host by `to_host` when it is yielded.
+    sharding_rules: (path pattern, PartitionSpec, heads dimension or None) rows
+        (`lctx_jax.sharding.param_spec`).
+    lora_targets: the Linear names LoRA may adapt (under params["layers"]).
+    flops_per_token(config, seq_len) -> training FLOPs per token.
+    decode_state(config, batch, size, dtype) -> the empty per-layer decode state (stacked
+        over layers) for `size` tokens.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config: Any
+    decoder: Any
+    hf_layout: Callable[[Any], dict[str, tuple[int, ...]]]
+    read_hf: Callable[[Any, Any, Any], Iterator[tuple[tuple[str, ...], Any]]]
+    write_hf: Callable[[Any, Any, Callable], Iterator[tuple[str, Any]]]
+    sharding_rules: Rules
+    lora_targets: tuple[str, ...]
+    flops_per_token: Callable[[Any, int], float]
+    decode_state: Callable[[Any, int, int, Any], Any]
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Makes `family` the one for each of its model_types; returns it."""
+    for model_type in family.model_types:
+        _REGISTRY[model_type] = family
+    return family
+
+
+def model_types() -> tuple[str, ...]:
+    """Every registered model_type."""
+    return tuple(_REGISTRY)
+
+
+def family_for(model_type: Any) -> Family:
+    """The family registered for `model_type`; ValueError naming the supported ones."""
+    if model_type not in _REGISTRY:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(_REGISTRY)}")
+    return _REGISTRY[model_type]
+
+
+def family_of(config: Config) -> Family:
+    """The family of a config object."""
+    return family_for(config.model_type)
+
+
+def config_from_hf(hf: Mapping[str, Any], rope_scaling: Mapping[str, Any] | None = None
+                   ) -> Any:
+    """The family config of a config.json dict (its model_type picks the family);
+    `rope_scaling` puts a context-extension method on it."""
+    model_type = hf.get("model_type")
+    if model_type not in _REGISTRY:
+        raise ValueError(f"config.json has model_type {model_type!r} (architectures "
+                         f"{hf.get('architectures')}); lctx_jax supports "
+                         f"{', '.join(_REGISTRY)}")
+    return _REGISTRY[model_type].config.from_hf(hf, rope_scaling)
+
+
+from lctx_jax.models import llama  # noqa: E402  (the families register themselves below)
+
+register(llama.FAMILY)
