@@ -4,7 +4,7 @@ For each setting (a checkpoint, e.g. the demo model before and after fine-tuning
 context-extension method and each length: perplexity (truncate or sliding-window protocol,
 `lctx_jax.evaluation`) and passkey retrieval accuracy; first, LongRoPE's evolutionary search
 for every length that needs factors (`lctx_jax.longrope_search`, resumable). Results go to
-out_dir as results.json, results.md and PNG plots (`evaluation.write_report`).
+out_dir as results.json, results.md and PNG plots (`lctx_jax.report`).
 
 Config fields (`default_config`):
   out_dir            where the report, the searched factors and the search states go
@@ -37,7 +37,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from lctx_jax import checkpoint, convert, data, evaluation, longrope_search, methods, paths
+from lctx_jax import (checkpoint, convert, data, evaluation, longrope_search, methods, paths,
+                      report)
 from lctx_jax.model import Model
 from lctx_jax.train_config import ConfigError, plain
 
@@ -137,7 +138,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             results["perplexity"][s.name][method] = ppl
             if passkey:
                 results["passkey"][s.name][method] = _merge_lengths(passkey)
-    files = evaluation.write_report(results, out_dir)
+    files = report.write_report(results, out_dir)
     print("report: " + ", ".join(str(f) for f in files), flush=True)
     return results
 

@@ -1,11 +1,10 @@
-"""Long-context evaluation: perplexity under two protocols, passkey retrieval, and a report.
+"""Long-context evaluation: perplexity under two protocols and passkey retrieval.
 
     docs = tokenize_documents(text_source("pg19", "test", text_key="book_text"), tok,
                               min_tokens=8192, limit=50)
     ppl = sliding_window_nll(model, docs, window=8192, stride=256)   # PI / Press et al.
     ppl = truncate_nll(model, docs, length=8192)                     # YaRN / LongRoPE
     acc = passkey_accuracy(model, tok, lengths=[2048, 4096], depths=[0, .5, 1], trials=10)
-    write_report({"perplexity": ..., "passkey": ..., "meta": ...}, "runs/eval")
 
 Perplexity. A document is a 1-D array of token ids starting with BOS; its targets are tokens
 1..n−1, each predicted from the tokens before it inside one window. Every window is run on its
@@ -25,27 +24,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import itertools
-import json
 import math
-import os
-import pathlib
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 
-from lctx_jax import losses, paths
-from lctx_jax.data import Tokenizer
+from lctx_jax import losses
 from lctx_jax.generate import generate
 from lctx_jax.model import Model
 
+if TYPE_CHECKING:  # metrics never import the data pipeline (TFDS)
+    from lctx_jax.data import Tokenizer
+
 __all__ = ["Perplexity", "sliding_window_nll", "truncate_nll", "tokenize_documents",
-           "PasskeyPrompt", "passkey_prompt", "passkey_accuracy", "write_report"]
+           "PasskeyPrompt", "passkey_prompt", "passkey_accuracy"]
 
 # ----------------------------------------------------------------------------- perplexity
 
@@ -376,148 +371,3 @@ def _first_key(text: str) -> str:
     """The first five consecutive digits of text with spaces removed ('' if none)."""
     match = re.search(r"\d{5}", text.replace(" ", ""))
     return match.group() if match else ""
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> list[pathlib.Path]:
-    """Writes results.json, results.md and plots into out_dir -> the paths written.
-
-    results:
-        {"perplexity": {setting: {method: {str(length): Perplexity.as_dict() or a dict with
-                                                          at least "perplexity"}}},
-         "passkey":    {setting: {method: passkey_accuracy(...)}},
-         "meta":       {free-form: model, dataset, protocol, ...}}
-    Every part is optional; a setting is e.g. "no fine-tune" or "fine-tuned". Perplexity
-    objects, numpy values and tuples are converted; non-finite floats become null.
-
-    results.md: the meta as a list, one perplexity table per setting (rows methods, columns
-    lengths, 2 decimals) and one passkey table per setting (mean accuracy over depths, %).
-    perplexity.png: perplexity against length (both log axes), a line per method and a panel
-    per setting. passkey_<method>.png: accuracy heat map, depth × length, a panel per setting
-    (characters of the method other than letters, digits, "_", "." and "-" become "_").
-    Every file is written to a temporary name and renamed, so readers never see half a file.
-    """
-    safe = _json_safe(results)
-    out = pathlib.Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    written = [_write(out / "results.json", json.dumps(safe, indent=2, allow_nan=False).encode()),
-               _write(out / "results.md", _markdown(safe).encode())]
-    if safe.get("perplexity"):
-        written.append(_write(out / "perplexity.png", _perplexity_plot(safe["perplexity"])))
-    passkey = safe.get("passkey") or {}
-    for method in dict.fromkeys(m for per_method in passkey.values() for m in per_method):
-        panels = {s: per_method[method] for s, per_method in passkey.items()
-                  if method in per_method}
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
-        written.append(_write(out / f"passkey_{name}.png", _passkey_plot(method, panels)))
-    return written
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Perplexity):
-        return _json_safe(value.as_dict())
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _write(path: pathlib.Path, content: bytes) -> pathlib.Path:
-    paths.write_atomically(path, content)
-    return path
-
-
-def _table(rows: dict[str, dict[int, str]]) -> list[str]:
-    """Markdown table: a row per method, a column per length (sorted), '–' where missing."""
-    lengths = sorted({n for cells in rows.values() for n in cells})
-    lines = ["| method | " + " | ".join(str(n) for n in lengths) + " |",
-             "| --- |" + " ---: |" * len(lengths)]
-    for method, cells in rows.items():
-        lines.append(f"| {method} | " + " | ".join(cells.get(n, "–") for n in lengths) + " |")
-    return lines
-
-
-def _markdown(results: dict[str, Any]) -> str:
-    lines = ["# Evaluation results", ""]
-    for key, value in (results.get("meta") or {}).items():
-        lines.append(f"- {key}: {value}")
-    for setting, per_method in (results.get("perplexity") or {}).items():
-        rows = {m: {int(n): _number(r.get("perplexity"), "{:.2f}") for n, r in by_len.items()}
-                for m, by_len in per_method.items()}
-        lines += ["", f"## Perplexity: {setting}", "", *_table(rows)]
-    for setting, per_method in (results.get("passkey") or {}).items():
-        rows = {m: {n: _number(_mean(acc), "{:.1f}", 100) for n, acc in
-                    zip(r["lengths"], r["accuracy"])} for m, r in per_method.items()}
-        trials = sorted({r["trials"] for r in per_method.values()})
-        lines += ["", f"## Passkey retrieval: {setting}", "",
-                  f"Accuracy in %, mean over depths; {'/'.join(map(str, trials))} trials per "
-                  "length and depth.", "", *_table(rows)]
-    return "\n".join(lines) + "\n"
-
-
-def _mean(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None]
-    return sum(finite) / len(finite) if finite else None
-
-
-def _number(value: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "–" if value is None else fmt.format(value * scale)
-
-
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _perplexity_plot(perplexity: dict[str, Any]) -> bytes:
-    fig = Figure(figsize=(5.5 * len(perplexity), 4), layout="constrained")
-    axes = fig.subplots(1, len(perplexity), squeeze=False)[0]
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    for ax, (setting, per_method) in zip(axes, perplexity.items()):
-        lengths = sorted({int(n) for by_len in per_method.values() for n in by_len})
-        for method, by_len in per_method.items():
-            points = sorted((int(n), r["perplexity"]) for n, r in by_len.items()
-                            if r.get("perplexity") is not None)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths], minor=False)
-        ax.set_xticks([], minor=True)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(setting)
-        ax.grid(True, which="both", alpha=0.3)
-    return _png(fig)
-
-
-def _passkey_plot(method: str, panels: dict[str, dict[str, Any]]) -> bytes:
-    fig = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (setting, r) in zip(axes, panels.items()):
-        grid = np.array([[np.nan if a is None else a for a in row] for row in r["accuracy"]],
-                        float).T  # [depths, lengths]
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto",
-                          origin="lower")
-        for (d, n), value in np.ndenumerate(grid):
-            ax.text(n, d, "–" if np.isnan(value) else f"{value:.2f}", ha="center",
-                    va="center", fontsize="small")
-        ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]])
-        ax.set_yticks(range(len(r["depths"])), [f"{d:g}" for d in r["depths"]])
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"{method}: {setting}")
-    fig.colorbar(image, ax=list(axes), label="accuracy")
-    return _png(fig)

@@ -2,14 +2,17 @@
 plain model.apply calls, compile counts, passkey prompts and scoring, and the report files."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 import lctx_jax as lx
-from lctx_jax import data, evaluation as ev
+from lctx_jax import data, evaluation as ev, report
 from test_training import TINY_MODEL
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -238,7 +241,7 @@ def test_write_report(tmp_path):
                     "fine-tuned": {"pi": passkey}},
         "meta": {"model": "tiny", "protocol": "sliding window, stride 256"},
     }
-    paths = ev.write_report(results, tmp_path / "report")
+    paths = report.write_report(results, tmp_path / "report")
     names = sorted(p.name for p in paths)
     assert names == ["passkey_pi.png", "passkey_yarn_2x.png", "perplexity.png",
                      "results.json", "results.md"]
@@ -260,3 +263,13 @@ def test_write_report(tmp_path):
     assert "| yarn | 7.39 | – | – |" in md
     assert "| yarn/2x | 90.0 | 30.0 |" in md
     assert md.count("## Perplexity: ") == 2 and md.count("## Passkey retrieval: ") == 2
+
+
+def test_metrics_import_no_training_stack():
+    """evaluation.py is metrics only: importing it pulls in neither the training stack
+    (optax, Orbax, TFDS) nor matplotlib (lctx_jax.report draws the plots)."""
+    code = ("import sys, lctx_jax.evaluation; print(sorted(m for m in ('matplotlib', 'optax', "
+            "'orbax', 'tensorflow_datasets', 'lctx_jax.training') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
+    assert out.stdout.strip() == "[]"
