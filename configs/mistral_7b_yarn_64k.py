@@ -1,8 +1,8 @@
 """Mistral-7B (8K) to 64K with YaRN, s = 8 (as YaRN's released Yarn-Mistral-7b-64k).
 
-Mistral-7B-v0.1's config.json declares sliding_window 4096, which lctx_jax does not implement;
-set "sliding_window": null there first (context-extension fine-tunes use full attention, as
-YaRN's Mistral models do) — train.py stops with this advice otherwise. Hyperparameters are
+Mistral-7B-v0.1's config.json declares sliding_window 4096, which lctx_jax runs as transformers
+does: each layer then sees only the last 4,096 tokens. YaRN's Mistral models attend fully, so
+set "sliding_window": null in config.json first for this recipe. Hyperparameters are
 YaRN's Llama-2 recipe: 400 steps, lr 2e-5, 20 warmup steps, global batch 64.
 
     python train.py --config configs/mistral_7b_yarn_64k.py --config.init_from=/ckpt/Mistral-7B-v0.1

@@ -4,7 +4,7 @@ so that `train.py --compile_only` can size a recipe before anything is downloade
 The fields are those of each model's config.json on the Hugging Face hub (architecture only:
 sizes, heads, vocabulary, RoPE base, norm epsilon, special token ids). One deliberate change:
 Mistral-7B-v0.1 declares sliding_window 4096, which configs/mistral_7b_yarn_64k.py asks the
-user to set to null (context-extension fine-tunes use full attention), so it is null here.
+user to set to null (YaRN's Mistral fine-tunes attend fully), so it is null here.
 """
 
 from __future__ import annotations

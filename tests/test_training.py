@@ -334,7 +334,7 @@ def test_kill_9_and_rerun_reproduces_the_loss_trajectory_bit_for_bit(workspace, 
 
 # ----------------------------------------------------------------------------- recipes
 
-def _recipe(name: str, tmp_path: pathlib.Path, sliding_window: bool = False):
+def _recipe(name: str, tmp_path: pathlib.Path):
     import importlib.util
     if str(ROOT) not in sys.path:  # recipes import each other as `configs.X`, as train.py runs
         sys.path.insert(0, str(ROOT))
@@ -352,8 +352,6 @@ def _recipe(name: str, tmp_path: pathlib.Path, sliding_window: bool = False):
         (tmp_path / "pretrain" / "config.json").write_text(json.dumps(dict(c.model)))
     elif c.init_from:  # stand-ins for the checkpoints: config.json is all validation reads
         hf = architectures.published(c.init_from)
-        if sliding_window:
-            hf["sliding_window"] = 4096  # as Mistral-7B-v0.1's config.json ships
         (tmp_path / "ckpt").mkdir(exist_ok=True)
         (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
         c.init_from = str(tmp_path / "ckpt")
@@ -377,8 +375,3 @@ def test_every_shipped_config_validates(name, tmp_path):
         from lctx_jax import comparison
         with pytest.raises(ConfigError, match="checkpoints not found"):
             comparison.validate(c)
-
-
-def test_mistral_recipe_explains_the_sliding_window(tmp_path):
-    with pytest.raises(ConfigError, match="sliding_window"):
-        validate(_recipe("mistral_7b_yarn_64k", tmp_path, sliding_window=True))
