@@ -142,7 +142,7 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
     out = attend(q, k.astype(dtype), v.astype(dtype), impl=impl, causal=True,
                  segment_ids=ctx.segment_ids, rope=rope if ctx.rope is None else ctx.rope,
                  positions=ctx.positions, mesh=mesh, kv_positions=ctx.kv_positions,
-                 kv_segment_ids=ctx.kv_segment_ids, **({} if window is None else {'window': window}))  # TEMP
+                 kv_segment_ids=ctx.kv_segment_ids, window=window)
     return dense(x.shape[-1], "o", o_bias)(out.reshape(*x.shape[:-1], -1)), cache
 
 

@@ -2,9 +2,10 @@
 
 Pure functions over arrays (no Flax), usable in any JAX code and under `jax.jit`.
 Numbers equal Hugging Face transformers' rope init functions: every f32 operation is done in
-the same order, so inverse frequencies agree bit for bit on CPU.
+the same order, so inverse frequencies agree bit for bit except where torch's own f32 `pow` is
+an ulp off (within 4 ulp then; tests/test_rope.py states the bounds).
 
-Notation (see ../shared/REFERENCES.md): d = rotary dim, b = rope_theta, θ_j = b^(−2j/d),
+Notation (the papers cited per method below): d = rotary dim, b = rope_theta, θ_j = b^(−2j/d),
 s = factor, L = original_max_position_embeddings, M = max_position_embeddings.
 
 Methods (`rope_type`):
@@ -19,6 +20,7 @@ Methods (`rope_type`):
 
 `RopeArrays` holds a rotation as runtime arrays instead (jit traces it, so new frequencies do
 not recompile); `longrope_arrays` builds one for LongRoPE factors (see lctx_jax.longrope_search).
+`rotate_qk` rotates attention's queries and keys with one sequence length for both.
 """
 
 from __future__ import annotations
@@ -527,3 +529,19 @@ def apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     rot = rot * cos + rotate_half(rot) * sin
     return jnp.concatenate([rot, rest], axis=-1) if rest.shape[-1] else rot
+
+
+def rotate_qk(q: jax.Array, k: jax.Array, rope: RopeConfig | RopeArrays, positions: jax.Array,
+              kv_positions: jax.Array, *, seq_len: int | jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """q [B, T, Hq, D] rotated at positions [B, T], k [B, S, Hkv, D] at kv_positions [B, S].
+
+    Both use one seq_len L, default max(all positions) + 1, so length-dependent frequencies
+    (dynamic NTK, LongRoPE's short/long factors) are the same for queries and keys. A RopeArrays
+    is used as it is.
+    """
+    if seq_len is None:
+        seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
+    q_cos, q_sin = cos_sin(rope, positions, seq_len=seq_len)
+    k_cos, k_sin = cos_sin(rope, kv_positions, seq_len=seq_len)
+    return apply(q, q_cos, q_sin), apply(k, k_cos, k_sin)

@@ -19,7 +19,7 @@ from packing import packed_documents
 
 import lctx_jax as lx
 from lctx_jax import attention
-from lctx_jax.attention import xla
+from lctx_jax.attention import masks, xla
 
 VALUE_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=2e-5, rtol=1e-5)
@@ -268,8 +268,9 @@ def test_blockwise_memory_is_far_below_the_score_matrix():
     positions = jnp.broadcast_to(jnp.arange(4096), (1, 4096))
 
     def plain(q, k, v):
-        return xla.plain(q, k, v, causal=True, positions=positions, kv_positions=positions,
-                         segment_ids=None, kv_segment_ids=None, scale=0.125)
+        return xla.plain(q, k, v, mask=masks.Mask(causal=True), positions=positions,
+                         kv_positions=positions, segment_ids=None, kv_segment_ids=None,
+                         scale=0.125)
 
     assert temp_bytes(plain, small, small, small) >= 4096 * 4096 * 4
 

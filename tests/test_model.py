@@ -256,10 +256,11 @@ def test_qwen2_with_some_sliding_layers_is_refused(tmp_path):
         lx.from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["llama-yarn", "phi3-partial"])
+@pytest.mark.parametrize("family", ["llama-yarn", "phi3-partial", "mistral-window"])
 def test_flash_attention_model_equals_xla(family, tmp_path):
     """attention="flash" (Pallas, interpret mode here, RoPE inside the kernel): same logits and
-    gradients as "xla" past the original window (f32: online-softmax reassociation, ~1e-6)."""
+    gradients as "xla" past the original window (f32: online-softmax reassociation and the
+    in-kernel rotation; measured up to 1.3e-5 on these logits of O(1))."""
     make_hf(family, tmp_path)
     xla, flash = lx.from_hf(tmp_path), lx.from_hf(tmp_path, attention="flash")
     ids = jnp.asarray(random_ids(1, 150))
@@ -268,7 +269,7 @@ def test_flash_attention_model_equals_xla(family, tmp_path):
         logp = jax.nn.log_softmax(m.apply(params, ids))[:, :-1]
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
-    np.testing.assert_allclose(np.asarray(flash(ids)), np.asarray(xla(ids)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(flash(ids)), np.asarray(xla(ids)), atol=3e-5, rtol=0)
     g_xla, g_flash = jax.grad(loss)(xla.params, xla), jax.grad(loss)(flash.params, flash)
     for a, b in zip(jax.tree_util.tree_leaves(g_flash), jax.tree_util.tree_leaves(g_xla)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)

@@ -271,31 +271,35 @@ def test_reorder_layout(scheme, ring_size):
                                                scheme), x)
 
 
-@pytest.mark.parametrize("scheme", ring.SCHEMES)
-def test_skipped_tiles_match_work_per_device(scheme, monkeypatch, request):
+@pytest.mark.parametrize("scheme, mask", [
+    *((scheme, {}) for scheme in ring.SCHEMES), ("zigzag", dict(window=20)),
+    ("striped", dict(window=20)), ("none", dict(chunk_size=24)),
+    ("zigzag", dict(window=12, chunk_size=32)), ("none", dict(causal=False, window=16))],
+    ids=str)
+def test_skipped_tiles_match_work_per_device(scheme, mask, monkeypatch, request):
     """The tiles the forward ring folds in, counted per device as it runs, are those that
-    work_per_device predicts on the host."""
+    work_per_device predicts on the host, for causal, windowed and chunked masks."""
     counts = np.zeros(4, int)
 
     def count(device):
         counts[int(device)] += 1
 
-    step = ring.xla.online_softmax_step
+    step = ring.xla.fold_block
 
     def counted_step(*args):
         jax.debug.callback(count, jax.lax.axis_index("sequence"))
         return step(*args)
 
-    monkeypatch.setattr(ring.xla, "online_softmax_step", counted_step)
+    monkeypatch.setattr(ring.xla, "fold_block", counted_step)
     ring._compiled.cache_clear()  # retrace: an equal configuration may be cached already...
     request.addfinalizer(ring._compiled.cache_clear)  # ...and keep no counting trace cached
     q, k, v = random_qkv(0, 1, 4, 2)
     positions = jnp.arange(LENGTH)
     jax.block_until_ready(jax.jit(functools.partial(
         ring.attend, mesh=make_mesh(sequence=4), positions=positions, scheme=scheme,
-        block_size=BLOCK))(q, k, v))
+        block_size=BLOCK, **mask))(q, k, v))
     np.testing.assert_array_equal(
-        counts, ring.work_per_device(positions, 4, scheme, block_size=BLOCK))
+        counts, ring.work_per_device(positions, 4, scheme, block_size=BLOCK, **mask))
 
 
 @pytest.mark.parametrize("scheme", ["zigzag", "striped"])
@@ -313,7 +317,8 @@ def test_reorder_moves_chunks_not_sequences(scheme):
 
 def test_work_per_device():
     """Causal work: zigzag and striped are balanced, contiguous chunks are not; all three
-    skip invisible tile pairs, zigzag exactly the upper triangle."""
+    skip invisible tile pairs, zigzag exactly the upper triangle. A window or chunks skip the
+    tile pairs they hide too."""
     positions, size = np.arange(LENGTH), 4
     tiles = LENGTH // BLOCK
     zigzag = ring.work_per_device(positions, size, "zigzag", block_size=BLOCK)
@@ -327,6 +332,16 @@ def test_work_per_device():
         ring.work_per_device(positions, size, "none", block_size=LENGTH), [1, 2, 3, 4])
     assert (ring.work_per_device(positions, size, causal=False, block_size=BLOCK)
             == size * (LENGTH // size // BLOCK) ** 2).all()
+    # A window of one tile: q tile i sees kv tiles i − 1 and i only (device 0's first: i).
+    np.testing.assert_array_equal(
+        ring.work_per_device(positions, size, "none", block_size=BLOCK, window=BLOCK),
+        [7, 8, 8, 8])
+    # Chunks of one device's 32 tokens: each device's 4 q tiles see 1, 2, 3, 4 kv tiles; all
+    # 16 without causality.
+    np.testing.assert_array_equal(
+        ring.work_per_device(positions, size, "none", block_size=BLOCK, chunk_size=32), 10)
+    np.testing.assert_array_equal(ring.work_per_device(
+        positions, size, block_size=BLOCK, causal=False, chunk_size=32), 16)
 
 
 # ----------------------------------------------------------------------------- errors

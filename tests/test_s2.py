@@ -2,7 +2,8 @@
 
 The reference builds the full [Hq, T, T] mask (causal & same segment & same group, where the
 group of token i is i // G for the first half of the query heads and (i + G/2) // G for the
-second), repeats k/v per query head and takes a softmax over all T keys in plain jnp; its
+second; and, when given, the sliding window q_pos − kv_pos < w and chunks q_pos // c ==
+kv_pos // c), repeats k/v per query head and takes a softmax over all T keys in plain jnp; its
 gradients come from autodiff. Both sides are f32 with q, k, v ~ N(0, 1), D = 16: values and
 gradients agree to f32 rounding (atol 1e-5).
 """
@@ -31,7 +32,8 @@ def random_qkv(seed, batch, length, q_heads, kv_heads):
                  for heads in (q_heads, kv_heads, kv_heads))
 
 
-def reference_mask(length, group, q_heads, positions, segment_ids, causal):
+def reference_mask(length, group, q_heads, positions, segment_ids, causal, window=None,
+                   chunk_size=None):
     """bool [B, Hq, T, T]: the S²-Attn pattern, built densely."""
     index = np.arange(length)
     plain, shifted = index // group, (index + group // 2) // group
@@ -39,8 +41,13 @@ def reference_mask(length, group, q_heads, positions, segment_ids, causal):
                            shifted[:, None] == shifted[None, :]])
     same_group = same_group[np.arange(q_heads) // (q_heads // 2)]  # [Hq, T, T] by head half
     mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    q_pos, kv_pos = positions[:, :, None], positions[:, None, :]
     if causal:
-        mask &= positions[:, None, :] <= positions[:, :, None]
+        mask &= kv_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - kv_pos < window
+    if chunk_size is not None:
+        mask &= q_pos // chunk_size == kv_pos // chunk_size
     return same_group[None] & mask[:, None]
 
 
@@ -61,19 +68,23 @@ def value_and_grads(fn, q, k, v, cotangent):
     return out, vjp(cotangent)
 
 
-CASES = {  # batch, T, Hq, Hkv, group_size, packed, rope, causal
-    "T16": (1, 16, 4, 2, None, False, False, True),
-    "T64-packed": (2, 64, 4, 2, None, True, False, True),
-    "T64-mqa-packed-rope": (2, 64, 4, 1, None, True, True, True),
-    "T24-G6-odd-kv-rope": (2, 24, 6, 3, 6, False, True, True),
-    "T16-one-group": (1, 16, 2, 2, 16, False, False, True),
-    "T32-G4-bidirectional": (1, 32, 4, 2, 4, True, False, False),
+CASES = {  # batch, T, Hq, Hkv, group_size, packed, rope, causal, mask (window, chunk_size)
+    "T16": (1, 16, 4, 2, None, False, False, True, {}),
+    "T64-packed": (2, 64, 4, 2, None, True, False, True, {}),
+    "T64-mqa-packed-rope": (2, 64, 4, 1, None, True, True, True, {}),
+    "T24-G6-odd-kv-rope": (2, 24, 6, 3, 6, False, True, True, {}),
+    "T16-one-group": (1, 16, 2, 2, 16, False, False, True, {}),
+    "T32-G4-bidirectional": (1, 32, 4, 2, 4, True, False, False, {}),
+    "T64-packed-window5-rope": (2, 64, 4, 2, None, True, True, True, dict(window=5)),
+    "T64-chunk12": (1, 64, 4, 2, None, False, False, True, dict(chunk_size=12)),
+    "T32-G8-bidirectional-window3-chunk6": (1, 32, 4, 2, 8, False, False, False,
+                                            dict(window=3, chunk_size=6)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case):
-    batch, length, q_heads, kv_heads, group_size, packed, rope, causal = CASES[case]
+    batch, length, q_heads, kv_heads, group_size, packed, rope, causal, mask_args = CASES[case]
     q, k, v = random_qkv(length + q_heads, batch, length, q_heads, kv_heads)
     rng = np.random.default_rng(length)
     if packed:
@@ -82,13 +93,13 @@ def test_matches_reference(case):
         segment_ids = np.zeros((batch, length), np.int32)
         positions = np.broadcast_to(np.arange(length), (batch, length))
     mask = reference_mask(length, group_size or length // 4, q_heads, positions, segment_ids,
-                          causal)
+                          causal, **mask_args)
     positions, segment_ids = jnp.asarray(positions), jnp.asarray(segment_ids)
 
     def ours(q, k, v):
         return attention.attend(q, k, v, impl="s2", causal=causal, rope=ROPE if rope else None,
                                 positions=positions, group_size=group_size,
-                                segment_ids=segment_ids if packed else None)
+                                segment_ids=segment_ids if packed else None, **mask_args)
 
     def reference(q, k, v):
         if rope:

@@ -1,10 +1,12 @@
-"""Attention: `attend` resolves positions, segments and RoPE, then dispatches to an implementation.
+"""Attention: `attend` validates its arguments and dispatches to an implementation.
 
-Implementations (one module each): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with
-RoPE fused in, ./flash.py), "ring" (sequence parallel over a mesh, ./ring.py), "s2" (LongLoRA's
-shifted sparse attention for training, ./s2.py). Shared math:
-which keys a query sees (./masks.py) and the rotation of q and k (`rotate_qk`, below; "flash"
-rotates in-kernel with the same `rope.rotation`).
+Implementations (one module each, the same contract: un-rotated q and k, `rope` and positions,
+the mask's pieces): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with RoPE fused in,
+./flash.py), "ring" (sequence parallel over a mesh, ./ring.py), "s2" (LongLoRA's shifted sparse
+attention for training, ./s2.py). Shared math: which keys a query sees and which blocks can be
+skipped (./masks.py), the online softmax and its backward (./online_softmax.py), and the
+rotation of q and k (`rotate_qk`, defined in lctx_jax.rope; "flash" rotates in-kernel with the
+same `rope.rotation`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from lctx_jax import rope as rope_lib
-from lctx_jax.attention import flash, masks, ring, s2, xla
+from lctx_jax.attention import flash, masks, online_softmax, ring, s2, xla
+from lctx_jax.rope import rotate_qk
 
 IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
 
-__all__ = ["attend", "rotate_qk", "IMPLEMENTATIONS", "flash", "masks", "ring", "s2", "xla"]
+__all__ = ["IMPLEMENTATIONS", "attend", "flash", "masks", "online_softmax", "ring", "rotate_qk",
+           "s2", "xla"]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,
@@ -30,21 +34,29 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
            positions: jax.Array | None = None, mesh: Any = None, *,
            kv_positions: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
            scale: float | None = None, block_size: int | None = None,
-           group_size: int | None = None) -> jax.Array:
+           group_size: int | None = None, window: int | None = None,
+           chunk_size: int | None = None) -> jax.Array:
     """softmax(scale · q kᵀ, masked) · v: q [B, T, Hq, D], k, v [B, S, Hkv, D] -> [B, T, Hq, D].
 
     Hq % Hkv == 0 (grouped-query attention: query head h uses key/value head h // (Hq/Hkv)).
     Output in q's dtype; scores, softmax and accumulation in f32. scale defaults to 1/sqrt(D).
 
     positions [B, T] int (default arange(T)); kv_positions [B, S] (default: positions if S == T,
-    else arange(S)). With `causal`, key j is visible to query i iff kv_positions[j] <=
-    positions[i], so a decode step (T=1 against a cache of S) and left padding just work.
-    segment_ids [B, T], kv_segment_ids [B, S] (default: segment_ids if S == T): queries see only
-    keys with an equal id. A query that sees no key gets zeros (and zero gradients).
+    else arange(S)). segment_ids [B, T], kv_segment_ids [B, S] (default: segment_ids if S == T).
+    Key j is visible to query i iff (./masks.py, all by position, so a decode step against a
+    cache of S and left padding just work):
+      causal       kv_positions[j] <= positions[i]
+      window w     positions[i] − kv_positions[j] < w (sliding window; with causal: the w most
+                   recent positions, as transformers' `sliding_window`)
+      chunk_size c positions[i] // c == kv_positions[j] // c (block-diagonal chunks)
+      segment ids  equal ids
+    window and chunk_size: positive ints or None (off). A query that sees no key gets zeros
+    (and zero gradients).
 
-    rope: q and k are passed un-rotated and rotated here by `rotate_qk`. A RopeConfig works
-    with every impl; a RopeArrays (runtime frequencies, `lctx_jax.rope.longrope_arrays`) with
-    "xla" and "s2" ("flash" and "ring" take the frequencies as static kernel settings).
+    rope: q and k are passed un-rotated; every impl rotates them at their positions (one
+    seq_len for both, `rotate_qk`). A RopeConfig works with every impl; a RopeArrays (runtime
+    frequencies, `lctx_jax.rope.longrope_arrays`) with "xla" and "s2" ("flash" and "ring" take
+    the frequencies as static kernel settings).
     impl: "xla" (see xla.py; `block_size` forces its blockwise path); "flash" (see flash.py: a
     Pallas kernel that rotates q and k blocks in-kernel; `block_size` is its q and kv block,
     interpreted on CPU); "ring" (see ring.py: self-attention only, S == T, split over the
@@ -70,6 +82,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
                                                        q_len, kv_len)
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size}")
+    masks.Mask(causal, window, chunk_size)  # ValueError naming window / chunk_size
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if impl in ("flash", "ring") and isinstance(rope, rope_lib.RopeArrays):
@@ -77,39 +90,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: 
             f"attention impl {impl!r} takes rope as a RopeConfig; a RopeArrays (runtime "
             "frequencies, as the LongRoPE search uses) runs with impl 'xla': use "
             "attention='xla' for the search")
+    args = {"causal": causal, "positions": positions, "kv_positions": kv_positions,
+            "segment_ids": segment_ids, "kv_segment_ids": kv_segment_ids, "scale": scale,
+            "rope": rope, "block_size": block_size, "window": window, "chunk_size": chunk_size}
     if impl == "flash":
         run = flash.attend if mesh is None else functools.partial(flash.attend_on_mesh,
                                                                   mesh=mesh)
-        return run(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
-                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
-                   rope=rope, block_size=block_size)
+        return run(q, k, v, **args)
     if impl == "ring":
-        return ring.attend(q, k, v, mesh=mesh, positions=positions, kv_positions=kv_positions,
-                           segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                           causal=causal, scale=scale, rope=rope, block_size=block_size)
-    if rope is not None:
-        q, k = rotate_qk(q, k, rope, positions, kv_positions)
+        return ring.attend(q, k, v, mesh=mesh, **args)
     if impl == "s2":
-        return s2.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
-                         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
-                         group_size=group_size, block_size=block_size)
-    return xla.attend(q, k, v, causal=causal, positions=positions, kv_positions=kv_positions,
-                      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
-                      block_size=block_size)
-
-
-def rotate_qk(q: jax.Array, k: jax.Array, rope: rope_lib.RopeConfig | rope_lib.RopeArrays,
-              positions: jax.Array, kv_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q [B, T, Hq, D] rotated at positions [B, T], k [B, S, Hkv, D] at kv_positions [B, S].
-
-    Both use seq_len L = max(all positions) + 1, so length-dependent frequencies (dynamic NTK,
-    LongRoPE's short/long factors) are the same for queries and keys. A RopeArrays is used as
-    it is.
-    """
-    seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
-    q_cos, q_sin = rope_lib.cos_sin(rope, positions, seq_len=seq_len)
-    k_cos, k_sin = rope_lib.cos_sin(rope, kv_positions, seq_len=seq_len)
-    return rope_lib.apply(q, q_cos, q_sin), rope_lib.apply(k, k_cos, k_sin)
+        return s2.attend(q, k, v, group_size=group_size, **args)
+    return xla.attend(q, k, v, **args)
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:

@@ -1,15 +1,17 @@
-"""Flash attention in Pallas with RoPE fused into the kernel: forward and backward, causal by
-position, grouped-query, segment ids. `attend` takes un-rotated q and k.
+"""Flash attention in Pallas with RoPE fused into the kernel: forward and backward, grouped-query,
+with the mask of ./masks.py (causal by position, sliding window, chunks, segment ids). `attend`
+takes un-rotated q and k.
 
     out[b, i, h] = Σ_j p_ij · v[b, j, h // G],   p_ij = softmax_j(scale · q'_i · k'_j), visible j
     q'_i = R(θ(positions[b, i])) q_i,             k'_j = R(θ(kv_positions[b, j])) k_j
 
-Same semantics as ./xla.py (the reference): mask of ./masks.py (key j visible to query i iff
-kv_positions[j] <= positions[i] when causal, and equal segment ids), f32 scores, softmax and
-accumulation, zeros for a query that sees no key.
+Same semantics as ./xla.py (the reference): f32 scores, softmax and accumulation, zeros for a
+query that sees no key. Inside the kernels, the mask of a block is `masks.visible` on the
+block's 1-D positions and segment ids (plus padded keys), and the online softmax and its
+backward are ./online_softmax.py's functions on 2-D [bq, bk] blocks.
 
 How RoPE enters. `lx.rope.frequencies(rope, seq_len)` runs once outside the kernel (seq_len =
-max over positions and kv_positions + 1, as `rotate_qk` does); inv_freq (and the unscaled
+max over positions and kv_positions + 1, as in `lx.rope.rotate_qk`); inv_freq (and the unscaled
 `default_frequencies` of LongRoPE's kept start tokens) are small f32 kernel inputs, the
 attention factor a compile-time constant. Inside, each q or k block gets cos, sin from its own
 positions by calling `lx.rope.rotation` on the block's arrays, and is rotated in the
@@ -23,8 +25,8 @@ gradients of that permutation, the transposes and the padding are left to autodi
 
 Backward (FlashAttention-2 with recomputation, `jax.custom_vjp`): the forward saves out and the
 logsumexp lse (f32 [B, H, T, 1]); delta = rowsum(dout · out) is an XLA reduction; one kernel
-accumulates dq, another dk and dv. In the rotated frame, as usual,
-    p = exp(s − lse), dp = dout·vᵀ, ds = p·(dp − delta), dq' = scale·ds·k', dk' = scale·dsᵀ·q',
+accumulates dq, another dk and dv. In the rotated frame, as usual (./online_softmax.py),
+    p = exp(s − lse), dp = dout·vᵀ, dS = scale·p⊙(dp − delta), dq' = dS·k', dk' = dSᵀ·q',
     dv = Σ pᵀ·dout,
 and the rotation is undone at the end with its transpose. With C = diag(cos), S = diag(sin)
 and H the rotate-half matrix (Hx = [−x₂, x₁], so Hᵀ = −H), R = C + S·H and
@@ -32,10 +34,11 @@ and H the rotate-half matrix (Hx = [−x₂, x₁], so Hᵀ = −H), R = C + S·
 i.e. the same rotation with sin negated: dq = R(−θ)·dq', attention factor included.
 
 Kernel structure. Layout [B, heads, L, D'] (transposed outside); q block [bq, D'], k/v block
-[bk, D']; positions and segment ids are [B, 1, L] int32 read in 1-D blocks; block bounds of
-positions (max per q block, min per kv block) are precomputed for causal block skipping, since
-positions may be arbitrary (a kv block is skipped only when its smallest position exceeds the q
-block's largest). Lengths the blocks do not divide are padded: padded keys are masked by index,
+[bk, D']; positions and segment ids are [B, 1, L] int32 read in 1-D blocks. Block skipping:
+the position bounds of every block that `masks.may_see` needs (`Mask.bounds`: causal, the q
+block's max and the kv block's min; a window, the q min and kv max; chunks, all four) are
+precomputed, since positions may be arbitrary, and a block pair that `masks.may_see` rules out
+is not computed. Lengths the blocks do not divide are padded: padded keys are masked by index,
 padded queries dropped. Two drivers run the same block math (`_fwd_step`, `_dq_step`,
 `_dkv_step` and the mask/rotation/online-softmax helpers they share):
   "grid" (TPU; default in interpret mode): grid (B, Hq, T/bq, S/bk) with the kv axis
@@ -86,6 +89,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
 from lctx_jax import rope as rope_lib, sharding
+from lctx_jax.attention import masks, online_softmax
 
 # Default (block_q, block_k) per backend. In interpret mode every grid step is one iteration of
 # an XLA loop, so fewer, larger blocks are faster.
@@ -107,7 +111,7 @@ class _Rope:
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Everything static about one call (hashable: a custom_vjp nondiff argument)."""
-    causal: bool
+    mask: masks.Mask
     scale: float
     block_q: int
     block_k: int
@@ -134,9 +138,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
            kv_segment_ids: jax.Array | None, scale: float,
            rope: rope_lib.RopeConfig | None = None, block_size: int | None = None,
            block_q: int | None = None, block_k: int | None = None, backend: str | None = None,
-           driver: str | None = None, seq_len: jax.Array | None = None) -> jax.Array:
+           driver: str | None = None, seq_len: jax.Array | None = None,
+           window: int | None = None, chunk_size: int | None = None) -> jax.Array:
     """q [B, T, Hq, D] and k, v [B, S, Hkv, D], un-rotated; positions [B, T], kv_positions
     [B, S] int; segment ids [B, T], [B, S] or both None -> [B, T, Hq, D] in q's dtype.
+
+    causal, window, chunk_size: the mask (./masks.py), static in the kernels.
 
     block_size sets block_q and block_k together (block_q / block_k override it). backend:
     "cpu" | "gpu" | "tpu", default jax.default_backend(); "cpu" runs the kernels interpreted.
@@ -153,6 +160,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     if backend == "gpu" and driver == "grid":
         raise ValueError("the 'grid' driver needs sequential grid steps and scratch memory "
                          "(TPU, interpret mode); use driver='loop' on GPU")
+    mask = masks.Mask(causal, window, chunk_size)
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     default_q, default_k = DEFAULT_BLOCKS[backend]
@@ -183,10 +191,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     q_seg = kv_seg = None
     if segment_ids is not None:
         q_seg, kv_seg = rows(segment_ids, t_pad), rows(kv_segment_ids, s_pad)
-    bounds = None
-    if causal:  # largest position per q block, smallest per kv block: [B, blocks] int32
-        bounds = (q_pos.reshape(batch, q_blocks, block_q).max(axis=-1),
-                  kv_pos.reshape(batch, kv_blocks, block_k).min(axis=-1))
+    blocks = {"q": q_pos.reshape(batch, q_blocks, block_q),
+              "kv": kv_pos.reshape(batch, kv_blocks, block_k)}
+    # The position bounds block skipping reads, e.g. "q_max": the max of each q block, [B, T/bq].
+    bounds = tuple(getattr(blocks[side], stat)(axis=-1)
+                   for side, stat in (name.split("_") for name in mask.bounds))
 
     freqs, rope_static = None, None
     if rope is not None:
@@ -200,7 +209,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
         rope_static = _Rope(factor=float(factor), start_tokens=rope.start_tokens, lanes=lanes,
                             freqs=rope.rotary_dim // 2)
 
-    cfg = _Config(causal=causal, scale=float(scale), block_q=block_q, block_k=block_k,
+    cfg = _Config(mask=mask, scale=float(scale), block_q=block_q, block_k=block_k,
                   q_blocks=q_blocks, kv_blocks=kv_blocks, kv_len=kv_len,
                   groups=q_heads // kv_heads, segments=segment_ids is not None,
                   rope=rope_static, backend=backend, driver=driver)
@@ -229,8 +238,9 @@ def attend_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any,
             "attention='ring' (sequence parallel), or a mesh with sequence=1")
     batch_spec = sharding.fit_spec(PartitionSpec(sharding.BATCH_AXES), q.shape[:1], mesh)
     batch_axes = tuple(a for entry in batch_spec for a in sharding.axes_of(entry))
-    tensor = mesh.shape.get("tensor", 1)
-    heads = "tensor" if q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
+    tensor = mesh.shape.get(sharding.TENSOR_AXIS, 1)
+    heads = (sharding.TENSOR_AXIS if q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0
+             else None)
     rows = PartitionSpec(*batch_spec, None) if batch_axes else PartitionSpec()
     heads_spec = PartitionSpec(batch_axes or None, None, heads, None)
     backend = mesh.devices.flat[0].platform
@@ -353,64 +363,38 @@ def _rotated(cfg: _Config, x: jax.Array, positions: jax.Array, freqs) -> jax.Arr
     return rotate(x, cos, sin, cfg.backend).astype(x.dtype)
 
 
-def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start) -> jax.Array | None:
-    """bool [bq, bk] (masks.visible for one block, plus padded keys), or None: all visible."""
-    mask = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
-    if cfg.causal:
-        mask = kv_pos[None, :] <= q_pos[:, None]
-    if cfg.segments:
-        mask = both(mask, q_seg[:, None] == kv_seg[None, :])
+def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start) -> jax.Array:
+    """bool [bq, bk]: `masks.visible` on the block's positions [bq], [bk] (and segment ids),
+    and keys past the true length (padding) hidden."""
+    mask = masks.visible(cfg.mask, q_pos, kv_pos, q_seg, kv_seg)
     if cfg.kv_padded:
-        index = kv_start + lax.broadcasted_iota(jnp.int32, (q_pos.shape[0], kv_pos.shape[0]), 1)
-        mask = both(mask, index < cfg.kv_len)
+        index = kv_start + lax.broadcasted_iota(jnp.int32, mask.shape, 1)
+        mask &= index < cfg.kv_len
     return mask
 
 
 def _scores(cfg: _Config, q_rot, k_rot, mask) -> jax.Array:
-    """scale · q'k'ᵀ, f32 [bq, bk], −inf where not visible."""
-    s = lax.dot_general(q_rot, k_rot, _TRANS_B, preferred_element_type=jnp.float32) * cfg.scale
-    return s if mask is None else jnp.where(mask, s, -jnp.inf)
-
-
-def _online_softmax(s, v, m_prev, l_prev, acc_prev):
-    """One kv block of the online softmax: (m, l, acc) f32 [bq, 1], [bq, 1], [bq, Dv].
-
-    A row with nothing visible yet keeps m = −inf; exp is then shifted by 0, not −inf, so its
-    weights stay 0 instead of NaN.
-    """
-    m = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
-    shift = jnp.where(m == -jnp.inf, 0.0, m)
-    alpha = jnp.exp(m_prev - shift)
-    p = jnp.exp(s - shift)
-    l = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
-    acc = alpha * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m, l, acc
-
-
-def _finish(m, l, acc):
-    """(out f32 [bq, Dv], lse [bq, 1]); a row with no visible key: out 0, lse +inf (so that
-    the backward's exp(s − lse) is 0 there, never NaN)."""
-    seen = l > 0
-    out = acc / jnp.where(seen, l, 1.0)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-    return out, lse
+    """scale · q'k'ᵀ, f32 [bq, bk], −inf where not visible (`online_softmax.scores`)."""
+    products = lax.dot_general(q_rot, k_rot, _TRANS_B, preferred_element_type=jnp.float32)
+    return online_softmax.scores(products, mask, cfg.scale)
 
 
 def _probs_and_dscores(cfg: _Config, q_rot, k_rot, v, mask, d_out, lse, delta):
-    """Recomputed p = exp(s − lse) and ds = scale · p ⊙ (dout·vᵀ − delta), f32 [bq, bk]."""
-    p = jnp.exp(_scores(cfg, q_rot, k_rot, mask) - lse)
+    """Recomputed p = exp(s − lse) and dS = scale · p ⊙ (dout·vᵀ − delta), f32 [bq, bk]."""
+    p = online_softmax.probabilities(_scores(cfg, q_rot, k_rot, mask), lse)
     dp = lax.dot_general(d_out, v, _TRANS_B, preferred_element_type=jnp.float32)
-    return p, p * (dp - delta) * cfg.scale
+    return p, online_softmax.score_grads(p, dp, delta, cfg.scale)
 
 
 def _fwd_step(cfg, q_rot, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_start, freqs, carry):
+    """`online_softmax.fold` of one kv block into carry (m, l, acc)."""
     k_rot = _rotated(cfg, k, kv_pos, freqs)
     mask = _visible(cfg, q_pos, kv_pos, q_seg, kv_seg, kv_start)
-    return _online_softmax(_scores(cfg, q_rot, k_rot, mask), v, *carry)
+
+    def weighted_values(p):
+        return jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    return online_softmax.fold(carry, _scores(cfg, q_rot, k_rot, mask), weighted_values)
 
 
 def _dq_step(cfg, q_rot, q_pos, q_seg, d_out, lse, delta, k, v, kv_pos, kv_seg, kv_start, freqs,
@@ -441,18 +425,18 @@ def _unrotate(cfg: _Config, grad, positions, freqs) -> jax.Array:
 
 
 def _may_see(cfg: _Config, refs, b, q_block, kv_block):
-    """Causal block skipping: a traced bool, False only if every key of the kv block comes
-    after every query of the q block by position; None (always run) when not causal."""
-    if not cfg.causal:
-        return None
-    return refs.kv_min[b, kv_block] <= refs.q_max[b, q_block]
+    """Block skipping: `masks.may_see` on the precomputed bounds of q block `q_block` and kv
+    block `kv_block` of row b (traced bool), or None (always run) when the mask skips nothing."""
+    bounds = {name: getattr(refs, name)[b, q_block if name.startswith("q_") else kv_block]
+              for name in cfg.mask.bounds}
+    return masks.may_see(cfg.mask, **bounds)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 class _Refs:
-    """Kernel refs by name (inputs, outputs and scratch vary with segments/rope/causal)."""
+    """Kernel refs by name (inputs, outputs and scratch vary with segments/rope/mask)."""
 
     def __init__(self, names, refs):
         assert len(names) == len(refs), (names, len(refs))
@@ -477,9 +461,7 @@ def _fwd_kernel(*refs, cfg: _Config, names):
 
         @pl.when(j == 0)
         def _init():
-            r.m[...] = jnp.full(r.m.shape, -jnp.inf, jnp.float32)
-            r.l[...] = jnp.zeros(r.l.shape, jnp.float32)
-            r.acc[...] = jnp.zeros(r.acc.shape, jnp.float32)
+            r.m[...], r.l[...], r.acc[...] = online_softmax.init(r.m.shape[:1], r.acc.shape[1])
             r.q_rot[...] = _rotated(cfg, r.q[...], r.q_pos[...], freqs)
 
         def step():
@@ -492,7 +474,7 @@ def _fwd_kernel(*refs, cfg: _Config, names):
 
         @pl.when(j == cfg.kv_blocks - 1)
         def _store():
-            out, lse = _finish(r.m[...], r.l[...], r.acc[...])
+            out, lse = online_softmax.finish((r.m[...], r.l[...], r.acc[...]))
             r.o[...], r.lse[...] = out.astype(r.o.dtype), lse
         return
 
@@ -506,10 +488,8 @@ def _fwd_kernel(*refs, cfg: _Config, names):
             r.get("kv_seg", kv), j * cfg.block_k, freqs)
         return _cond(_may_see(cfg, r, b, i, j), step, carry)
 
-    stats = (r.q.shape[0], 1)
-    init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
-            jnp.zeros((r.q.shape[0], r.v.shape[-1]), jnp.float32))
-    out, lse = _finish(*lax.fori_loop(0, cfg.kv_blocks, body, init))
+    init = online_softmax.init(r.q.shape[:1], r.v.shape[-1])
+    out, lse = online_softmax.finish(lax.fori_loop(0, cfg.kv_blocks, body, init))
     r.o[...], r.lse[...] = out.astype(r.o.dtype), lse
 
 
@@ -713,8 +693,7 @@ def _forward(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds)
               ("q_pos", q_pos, q_row_spec), ("kv_pos", kv_pos, kv_row_spec),
               ("q_seg", q_seg, q_row_spec), ("kv_seg", kv_seg, kv_row_spec),
               *_freq_inputs(freqs)]
-    if bounds is not None:
-        inputs += [("q_max", bounds[0], _scalars(cfg)), ("kv_min", bounds[1], _scalars(cfg))]
+    inputs += [(name, x, _scalars(cfg)) for name, x in zip(cfg.mask.bounds, bounds)]
     outputs = [("o", out_shape, pl.BlockSpec((None, None, bq, v_dim), q_map)),
                ("lse", lse_shape, pl.BlockSpec((None, None, bq, 1), q_map))]
     return _call(_fwd_kernel, cfg, grid, semantics, inputs, outputs, scratch, "flash_rope_fwd")
@@ -753,8 +732,7 @@ def _backward_dq(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bou
               ("d_out", d_out, pl.BlockSpec((None, None, bq, v_dim), q_map)),
               ("lse", lse, pl.BlockSpec((None, None, bq, 1), q_map)),
               ("delta", delta, pl.BlockSpec((None, None, bq, 1), q_map))]
-    if bounds is not None:
-        inputs += [("q_max", bounds[0], _scalars(cfg)), ("kv_min", bounds[1], _scalars(cfg))]
+    inputs += [(name, x, _scalars(cfg)) for name, x in zip(cfg.mask.bounds, bounds)]
     outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype),
                 pl.BlockSpec((None, None, bq, qk_dim), q_map))]
     return _call(_dq_kernel, cfg, grid, semantics, inputs, outputs, scratch, "flash_rope_dq")[0]
@@ -796,8 +774,7 @@ def _backward_dkv(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bo
               ("d_out", d_out, pl.BlockSpec(q_block(v_dim), q_map)),
               ("lse", lse, pl.BlockSpec(q_block(1), q_map)),
               ("delta", delta, pl.BlockSpec(q_block(1), q_map))]
-    if bounds is not None:
-        inputs += [("q_max", bounds[0], _scalars(cfg)), ("kv_min", bounds[1], _scalars(cfg))]
+    inputs += [(name, x, _scalars(cfg)) for name, x in zip(cfg.mask.bounds, bounds)]
     outputs = [("dk", jax.ShapeDtypeStruct(k.shape, k.dtype),
                 pl.BlockSpec((None, None, bk, qk_dim), kv_map)),
                ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -821,8 +798,7 @@ def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds):
 
 def _flash_bwd(cfg, residuals, d_out):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, out, lse = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
-                    keepdims=True)
+    delta = online_softmax.delta(d_out, out)
     args = (cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, d_out, lse, delta)
     dq = _backward_dq(*args)
     dk, dv = _backward_dkv(*args)

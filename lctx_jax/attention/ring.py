@@ -2,14 +2,16 @@
 
 Each of the P devices of the ring keeps one chunk of T/P queries. The key/value chunks, with
 their positions and segment ids, travel around the ring by `lax.ppermute` (P − 1 hops), and every
-device folds each chunk that passes by into an online softmax (./xla.py's pieces):
+device folds each chunk that passes by into an online softmax (./online_softmax.py, in ./xla.py's
+grouped layout: `xla.fold_block`):
 
     s = scale · q kᵀ (−inf where masks.visible is False),   m' = max(m, rowmax s),
     l' = l·e^(m − m') + Σ e^(s − m'),   acc' = acc·e^(m − m') + e^(s − m') v,
     out = acc / l,   lse = m + log l   (a query with no visible key: out 0, lse +inf).
 
-Same semantics as the "xla" reference: causal by position, segment ids, grouped-query attention
-without repeating k/v (query head h uses key/value head h // G), f32 statistics.
+Same semantics as the "xla" reference: the mask of ./masks.py (causal by position, sliding
+window, chunks, segment ids), grouped-query attention without repeating k/v (query head h uses
+key/value head h // G), f32 statistics.
 
 Backward (`jax.custom_vjp`, FlashAttention-2 recomputation): the forward saves out and lse. The
 kv chunks go around the ring again, each followed one hop behind by its f32 dK, dV accumulator,
@@ -22,9 +24,10 @@ A device holds its own chunk, the visiting one (two while a hop is in flight) an
 tiles: never T×T scores, nor all of K, V or their gradients.
 
 Tiles. Within a hop, queries and the visiting chunk are cut into tiles (`tile_size`), visited
-by two nested loops (q tiles, kv tiles). With `causal`, a tile pair whose smallest key position
-exceeds its largest query position (in every batch row) is skipped by `lax.cond`, so whole hops
-of invisible chunks cost nothing. `work_per_device` counts the pairs each device computes.
+by two nested loops (q tiles, kv tiles). A tile pair that `masks.may_see` rules out from the
+tiles' position bounds in every batch row (causal: every key after every query; a window: every
+key too far back; chunks: no chunk in common) is skipped by `lax.cond`, so whole hops of
+invisible chunks cost nothing. `work_per_device` counts the pairs each device computes.
 Every loop here (hops and tiles) is a `lax.while_loop`, not a scan: see `_repeat` for why a
 layer-scanned model would otherwise keep O(T²/P) of masks and probabilities per device.
 
@@ -39,12 +42,13 @@ input_ids, positions, segment_ids and targets) passes `inputs_reordered=True`: a
 skips the reorder and restore, two cross-device permutations of q, k, v and out per call.
 
 RoPE: q and the local k are rotated once per device before the ring, from their true positions,
-by `lx.rope.cos_sin` with seq_len = global max position + 1 (`lax.pmax` over the ring and batch
-axes), as `rotate_qk` does; rotated keys then travel. Autodiff takes the rotation's gradient.
+by `lx.rope.rotate_qk` with seq_len = global max position + 1 (`lax.pmax` over the ring and batch
+axes); rotated keys then travel. Autodiff takes the rotation's gradient.
 
 Sharding: in_specs P(batch, "sequence", heads, None) with batch = the mesh's "data" and "fsdp"
-axes (those present) and heads = "tensor" if present. Ordinary arrays may be passed: `shard_map`
-(eager or inside jit) moves them to those shardings; arrays already placed there are not copied.
+axes (those present) and heads = "tensor" if present (the names: lctx_jax.sharding's
+BATCH_AXES, SEQUENCE_AXIS, TENSOR_AXIS). Ordinary arrays may be passed: `shard_map` (eager or
+inside jit) moves them to those shardings; arrays already placed there are not copied.
 
 Overlap: every hop issues the ppermute of the next chunk (in the backward also of the arriving
 dK, dV accumulator) before computing on the current one, and nothing in the hop's compute waits
@@ -71,12 +75,10 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from lctx_jax import rope as rope_lib
-from lctx_jax.attention import masks, xla
+from lctx_jax import sharding
+from lctx_jax.attention import masks, online_softmax, xla
 
 SCHEMES = ("zigzag", "striped", "none")
-RING_AXIS = "sequence"
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
 
 Tree = Any
 
@@ -126,26 +128,31 @@ def tile_size(chunk: int, scheme: str, block_size: int | None = None) -> int:
 
 def work_per_device(positions: Any, ring_size: int, scheme: str = "zigzag", *,
                     causal: bool = True, block_size: int | None = None,
-                    inputs_reordered: bool = False) -> np.ndarray:
+                    inputs_reordered: bool = False, window: int | None = None,
+                    chunk_size: int | None = None) -> np.ndarray:
     """Tile pairs each device computes in one ring pass (the backward computes the same ones):
     int [ring_size], from positions [B, T] or [T] as given to `attend` (same arguments).
 
-    A device computes pair (q tile, kv tile) unless causal and, in every batch row, the kv
-    tile's smallest position exceeds the q tile's largest. Each device meets every kv chunk
-    once, so the total over devices and the balance (max / mean) follow from the layout alone.
+    A device computes pair (q tile, kv tile) unless `masks.may_see` rules it out from the
+    tiles' position bounds in every batch row. Each device meets every kv chunk once, so the
+    total over devices and the balance (max / mean) follow from the layout alone.
     """
+    mask = masks.Mask(causal, window, chunk_size)
     positions = np.atleast_2d(np.asarray(positions))
     batch, length = positions.shape
     scheme = _scheme(scheme, causal)
     _check_length(length, ring_size, scheme)
     chunk = length // ring_size
     tile = tile_size(chunk, scheme, block_size)
-    if not causal:
-        return np.full(ring_size, ring_size * (chunk // tile) ** 2)
     if not inputs_reordered:
         positions = np.asarray(reorder(positions, ring_size, scheme))
     tiles = positions.reshape(batch, ring_size, chunk // tile, tile)
-    seen = tiles.min(-1)[:, None, None] <= tiles.max(-1)[:, :, :, None, None]  # [B, P, n, P, n]
+    low, high = tiles.min(-1), tiles.max(-1)  # [B, P, n]
+    # q tiles along [B, P, n, 1, 1], kv tiles along [B, 1, 1, P, n]: seen [B, P, n, P, n]
+    seen = masks.may_see(mask, q_min=low[..., None, None], q_max=high[..., None, None],
+                         kv_min=low[:, None, None], kv_max=high[:, None, None])
+    if seen is None:
+        return np.full(ring_size, ring_size * (chunk // tile) ** 2)
     return seen.any(axis=0).sum(axis=(1, 2, 3))
 
 
@@ -155,7 +162,7 @@ def work_per_device(positions: Any, ring_size: int, scheme: str = "zigzag", *,
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """What the ring core needs to know statically (a custom_vjp nondiff argument)."""
-    causal: bool
+    mask: masks.Mask
     scale: float
     ring_size: int
     tile: int
@@ -167,16 +174,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
            kv_segment_ids: jax.Array | None = None, causal: bool = True,
            scale: float | None = None, rope: rope_lib.RopeConfig | None = None,
            scheme: str = "zigzag", inputs_reordered: bool = False,
-           block_size: int | None = None) -> jax.Array:
+           block_size: int | None = None, window: int | None = None,
+           chunk_size: int | None = None) -> jax.Array:
     """Self-attention q [B, T, Hq, D], k, v [B, T, Hkv, D] (un-rotated) -> [B, T, Hq, D] in q's
     dtype, T split over mesh axis "sequence" (P devices; T % P == 0, T % 2P == 0 for zigzag).
 
     positions [B, T] int (or [T]); kv_positions default positions; segment_ids [B, T] or None;
     kv_segment_ids default segment_ids. scale default 1/sqrt(D). rope: rotated inside from the
-    positions. scheme: "zigzag" | "striped" | "none", the causal load balancing (ignored when not
-    causal). inputs_reordered: all of q, k, v, positions and segment ids are already in
-    `reorder(·, P, scheme)` order, and the output is returned in that order. block_size: the
-    largest tile (see `tile_size`).
+    positions. causal, window, chunk_size: the mask (./masks.py). scheme: "zigzag" |
+    "striped" | "none", the causal load balancing (ignored when not causal). inputs_reordered:
+    all of q, k, v, positions and segment ids are already in `reorder(·, P, scheme)` order, and
+    the output is returned in that order. block_size: the largest tile (see `tile_size`).
     """
     ring_size = _ring_size(mesh)
     batch, length, q_heads, head_dim = q.shape
@@ -199,9 +207,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
         raise ValueError("pass segment_ids for the queries as well as kv_segment_ids")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    cfg = _Config(causal=causal, scale=float(scale), ring_size=ring_size,
-                  tile=tile_size(length // ring_size, scheme, block_size),
-                  axes=(*batch_axes, RING_AXIS) + ((head_axis,) if head_axis else ()))
+    axes = (*batch_axes, sharding.SEQUENCE_AXIS) + ((head_axis,) if head_axis else ())
+    cfg = _Config(mask=masks.Mask(causal, window, chunk_size), scale=float(scale),
+                  ring_size=ring_size, tile=tile_size(length // ring_size, scheme, block_size),
+                  axes=axes)
     run = _compiled(cfg, rope, mesh, batch_axes, head_axis,
                     None if inputs_reordered else scheme)
     return run(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)
@@ -215,9 +224,10 @@ def _compiled(cfg: _Config, rope: rope_lib.RopeConfig | None, mesh: Any,
     one static configuration. Cached, so eager callers compile once; inside an outer jit it is
     inlined."""
     batch_spec = batch_axes or None
-    heads = PartitionSpec(batch_spec, RING_AXIS, head_axis, None)
-    rows = PartitionSpec(batch_spec, RING_AXIS)
-    local = functools.partial(_local_attention, cfg, rope, (*batch_axes, RING_AXIS))
+    heads = PartitionSpec(batch_spec, sharding.SEQUENCE_AXIS, head_axis, None)
+    rows = PartitionSpec(batch_spec, sharding.SEQUENCE_AXIS)
+    local = functools.partial(_local_attention, cfg, rope,
+                              (*batch_axes, sharding.SEQUENCE_AXIS))
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(heads,) * 3 + (rows,) * 4,
                             out_specs=heads)
 
@@ -239,8 +249,7 @@ def _local_attention(cfg: _Config, rope: rope_lib.RopeConfig | None,
     """One device's part (inside shard_map): local chunks [b, T/P, ...] -> out [b, T/P, hq, D]."""
     if rope is not None:
         seq_len = lax.pmax(jnp.maximum(positions.max(), kv_positions.max()), position_axes) + 1
-        q = rope_lib.apply(q, *rope_lib.cos_sin(rope, positions, seq_len=seq_len))
-        k = rope_lib.apply(k, *rope_lib.cos_sin(rope, kv_positions, seq_len=seq_len))
+        q, k = rope_lib.rotate_qk(q, k, rope, positions, kv_positions, seq_len=seq_len)
     return _ring_attention(cfg, q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)
 
 
@@ -260,13 +269,11 @@ def _ring_forward(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array, positi
                   kv_segment_ids: jax.Array | None) -> tuple[jax.Array, tuple]:
     q_tiles = _q_tiles(cfg, q, k.shape[2], positions, segment_ids)
     step = functools.partial(_forward_step, cfg, q_tiles)
-    stats = _varying(cfg, xla.empty_stats(q_tiles[0]))
+    n, b, bq, kv_heads, groups, _ = q_tiles[0].shape
+    stats = _varying(cfg, online_softmax.init((n, b, kv_heads, groups, bq), v.shape[-1]))
     kv = _kv_tiles(cfg, k, v, kv_positions, kv_segment_ids)
-    row_max, denominator, acc = _forward_hops(cfg, step, stats, kv)
-    out = xla.normalize(denominator, acc)  # [n, b, Hkv, G, bq, D]
+    out, lse = online_softmax.finish(_forward_hops(cfg, step, stats, kv))  # [n, b, Hkv, G, bq, ·]
     out = _merge_tiles(out.transpose(0, 1, 4, 2, 3, 5), q.shape).astype(q.dtype)
-    lse = jnp.where(denominator > 0, row_max + jnp.log(jnp.where(denominator > 0,
-                                                                   denominator, 1.0)), jnp.inf)
     return out, (q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse)
 
 
@@ -275,8 +282,8 @@ def _ring_backward(cfg: _Config, residuals: tuple, d_out: jax.Array) -> tuple:
     kv_heads = k.shape[2]
     q_tiles = _q_tiles(cfg, q, kv_heads, positions, segment_ids)
     d_out_tiles = _split_tiles(cfg, xla.group_heads(d_out, kv_heads))
-    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", d_out_tiles.astype(jnp.float32),
-                       _split_tiles(cfg, xla.group_heads(out, kv_heads)).astype(jnp.float32))
+    out_tiles = _split_tiles(cfg, xla.group_heads(out, kv_heads))
+    delta = online_softmax.delta(jnp.moveaxis(d_out_tiles, 2, 4), jnp.moveaxis(out_tiles, 2, 4))
     step = functools.partial(_backward_step, cfg, (*q_tiles, d_out_tiles, lse, delta))
     d_q = _varying(cfg, jnp.zeros(q_tiles[0].shape, jnp.float32))
     d_q, (d_k, d_v) = _backward_hops(cfg, step, d_q,
@@ -291,11 +298,13 @@ _ring_attention.defvjp(_ring_forward, _ring_backward)
 def _pass_on(cfg: _Config, tree: Tree) -> Tree:
     """Every device sends `tree` to the next one on the ring (i -> i + 1 mod P)."""
     size = cfg.ring_size
-    return lax.ppermute(tree, RING_AXIS, [(i, (i + 1) % size) for i in range(size)])
+    return lax.ppermute(tree, sharding.SEQUENCE_AXIS,
+                        [(i, (i + 1) % size) for i in range(size)])
 
 
-def _forward_hops(cfg: _Config, step: Callable[[xla.Stats, Tree], xla.Stats],
-                  stats: xla.Stats, kv: Tree) -> xla.Stats:
+def _forward_hops(cfg: _Config,
+                  step: Callable[[online_softmax.Stats, Tree], online_softmax.Stats],
+                  stats: online_softmax.Stats, kv: Tree) -> online_softmax.Stats:
     """Folds the P chunks into `stats`: at hop s a device holds the chunk of device i − s.
     The next chunk's ppermute is issued alongside the current chunk's compute."""
     def hop(_: jax.Array, carry: tuple) -> tuple:
@@ -351,18 +360,20 @@ def _backward_hops(cfg: _Config, step: Callable[[jax.Array, Tree], tuple[jax.Arr
 # ----------------------------------------------------------------------------- one hop
 
 
-def _forward_step(cfg: _Config, q_tiles: tuple, stats: xla.Stats, kv: tuple) -> xla.Stats:
+def _forward_step(cfg: _Config, q_tiles: tuple, stats: online_softmax.Stats, kv: tuple
+                  ) -> online_softmax.Stats:
     """Folds one visiting chunk into every q tile's stats: q tiles [n, b, bq, Hkv, G, D] with
-    positions and segment ids [n, b, bq]; kv tiles [n, b, bk, Hkv, D], [n, b, bk]."""
-    def q_tile(i: jax.Array, stats: xla.Stats) -> xla.Stats:
+    positions and segment ids [n, b, bq]; kv tiles [n, b, bk, Hkv, D], [n, b, bk]; stats
+    [n, b, Hkv, G, bq, ·]."""
+    def q_tile(i: jax.Array, stats: online_softmax.Stats) -> online_softmax.Stats:
         q, q_pos, q_seg = _tile(q_tiles, i)
 
-        def kv_tile(j: jax.Array, tile_stats: xla.Stats) -> xla.Stats:
+        def kv_tile(j: jax.Array, tile_stats: online_softmax.Stats) -> online_softmax.Stats:
             k, v, kv_pos, kv_seg = _tile(kv, j)
 
-            def fold(tile_stats: xla.Stats) -> xla.Stats:
-                visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=cfg.causal)
-                return xla.online_softmax_step(tile_stats, q, k, v, visible, cfg.scale)
+            def fold(tile_stats: online_softmax.Stats) -> online_softmax.Stats:
+                visible = masks.visible(cfg.mask, q_pos, kv_pos, q_seg, kv_seg)
+                return xla.fold_block(tile_stats, q, k, v, visible, cfg.scale)
 
             return _unless_hidden(cfg, q_pos, kv_pos, fold, tile_stats)
 
@@ -375,7 +386,7 @@ def _backward_step(cfg: _Config, q_side: tuple, d_q: jax.Array, kv: tuple
                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """dq [n, b, bq, Hkv, G, D] f32 updated with one visiting chunk, and the chunk's dK, dV
     contribution [n, b, bk, Hkv, D] f32. q_side: q tiles, positions, segment ids, dout tiles,
-    lse and δ [n, b, Hkv, G, bq]."""
+    lse and δ [n, b, Hkv, G, bq, 1]."""
     def kv_tile(j: jax.Array, carry: tuple) -> tuple:
         d_q, d_kv = carry
         k, v, kv_pos, kv_seg = _tile(kv, j)
@@ -386,7 +397,7 @@ def _backward_step(cfg: _Config, q_side: tuple, d_q: jax.Array, kv: tuple
 
             def grads(tile_grads: tuple) -> tuple:
                 tile_d_q, (d_k, d_v) = tile_grads
-                visible = masks.visible(q_pos, kv_pos, q_seg, kv_seg, causal=cfg.causal)
+                visible = masks.visible(cfg.mask, q_pos, kv_pos, q_seg, kv_seg)
                 dq, dk, dv = _tile_grads(q, k, v, d_out, lse, delta, visible, cfg.scale)
                 return tile_d_q + dq, (d_k + dk, d_v + dv)
 
@@ -421,12 +432,13 @@ def _tile_grads(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse:
                 delta: jax.Array, visible: jax.Array, scale: float
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One tile pair's f32 (dq [b, bq, Hkv, G, D], dk, dv [b, bk, Hkv, D]) from q, d_out
-    [b, bq, Hkv, G, D], k, v [b, bk, Hkv, D], lse, δ [b, Hkv, G, bq], visible [b, bq, bk]."""
-    probs = jnp.exp(xla.masked_scores(q, k, visible, scale) - lse[..., None])
+    [b, bq, Hkv, G, D], k, v [b, bk, Hkv, D], lse, δ [b, Hkv, G, bq, 1], visible [b, bq, bk]:
+    `online_softmax`'s p and dS, contracted in the grouped layout."""
+    probs = online_softmax.probabilities(xla.masked_scores(q, k, visible, scale), lse)
     d_v = jnp.einsum("bhgqk,bqhgd->bkhd", probs.astype(d_out.dtype), d_out,
                      preferred_element_type=jnp.float32)
     d_probs = jnp.einsum("bqhgd,bkhd->bhgqk", d_out, v, preferred_element_type=jnp.float32)
-    d_scores = (probs * (d_probs - delta[..., None]) * scale).astype(q.dtype)
+    d_scores = online_softmax.score_grads(probs, d_probs, delta, scale).astype(q.dtype)
     d_q = jnp.einsum("bhgqk,bkhd->bqhgd", d_scores, k, preferred_element_type=jnp.float32)
     d_k = jnp.einsum("bhgqk,bqhgd->bkhd", d_scores, q, preferred_element_type=jnp.float32)
     return d_q, d_k, d_v
@@ -440,12 +452,13 @@ def _varying(cfg: _Config, tree: Tree) -> Tree:
 
 def _unless_hidden(cfg: _Config, q_pos: jax.Array, kv_pos: jax.Array,
                    fn: Callable[[Tree], Tree], operand: Tree) -> Tree:
-    """fn(operand), skipped (operand unchanged) when causal and every key of the kv tile comes
-    after every query of the q tile by position, in every batch row."""
-    if not cfg.causal:
+    """fn(operand), skipped (operand unchanged) when `masks.may_see` rules the tile pair out in
+    every batch row, from the tiles' position bounds: q_pos [b, bq], kv_pos [b, bk]."""
+    may_see = masks.may_see(cfg.mask, q_min=q_pos.min(axis=1), q_max=q_pos.max(axis=1),
+                            kv_min=kv_pos.min(axis=1), kv_max=kv_pos.max(axis=1))
+    if may_see is None:
         return fn(operand)
-    may_see = jnp.any(kv_pos.min(axis=1) <= q_pos.max(axis=1))
-    return lax.cond(may_see, fn, lambda x: x, operand)
+    return lax.cond(jnp.any(may_see), fn, lambda x: x, operand)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -494,27 +507,29 @@ def _check_length(length: int, ring_size: int, scheme: str) -> None:
 
 
 def _ring_size(mesh: Any) -> int:
+    axis = sharding.SEQUENCE_AXIS
     if mesh is None:
-        raise ValueError("impl='ring' needs mesh=: a jax.sharding.Mesh with a 'sequence' axis, "
-                         "e.g. lx.make_mesh(sequence=N)")
-    if RING_AXIS not in mesh.axis_names:
-        raise ValueError(f"impl='ring' splits the sequence over the mesh axis 'sequence', but "
+        raise ValueError(f"impl='ring' needs mesh=: a jax.sharding.Mesh with a {axis!r} axis, "
+                         f"e.g. lx.make_mesh({axis}=N)")
+    if axis not in mesh.axis_names:
+        raise ValueError(f"impl='ring' splits the sequence over the mesh axis {axis!r}, but "
                          f"the mesh has axes {tuple(mesh.axis_names)}")
-    return mesh.shape[RING_AXIS]
+    return mesh.shape[axis]
 
 
 def _mesh_axes(mesh: Any, batch: int, q_heads: int, kv_heads: int
                ) -> tuple[tuple[str, ...], str | None]:
     """(batch axes present in the mesh, the head axis or None), checking divisibility."""
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
     batch_devices = math.prod(mesh.shape[a] for a in batch_axes)
     if batch % batch_devices:
         raise ValueError(f"batch {batch} is not divisible by the {batch_devices} devices of "
                          f"mesh axes {batch_axes}")
-    if HEAD_AXIS not in mesh.axis_names:
+    head_axis = sharding.TENSOR_AXIS
+    if head_axis not in mesh.axis_names:
         return batch_axes, None
-    tensor = mesh.shape[HEAD_AXIS]
+    tensor = mesh.shape[head_axis]
     if q_heads % tensor or kv_heads % tensor:
         raise ValueError(f"query heads {q_heads} and key/value heads {kv_heads} must both be "
-                         f"divisible by the mesh's 'tensor' axis ({tensor})")
-    return batch_axes, HEAD_AXIS
+                         f"divisible by the mesh's {head_axis!r} axis ({tensor})")
+    return batch_axes, head_axis

@@ -5,10 +5,14 @@ The T tokens are cut into groups of G (default G = T/4) and attention stays insi
     query heads [0, Hq/2)    groups [0, G), [G, 2G), …, [T−G, T)
     query heads [Hq/2, Hq)   groups shifted by G/2: [0, G/2), [G/2, 3G/2), …, [T−G/2, T)
 
-with the usual mask inside each group (./masks.py: causal by position, equal segment ids).
+with the usual mask inside each group (./masks.py: causal by position, sliding window, chunks,
+equal segment ids).
 Groups are by token index. The shifted half has half-size groups at both ends and no
 wraparound: this is LongLoRA's flash-attention (varlen) path. Their roll-based fallback
 instead wraps the last half-group onto the first, which lets the first tokens see the last.
+
+RoPE: q and k are rotated once, at their true positions with one sequence length for the
+whole sequence (`lx.rope.rotate_qk`), before they are cut into groups.
 
 Cost O(T·G) per head, not O(T²): each half runs ./xla.py's attention on [B·T/G, G] groups.
 The shifted half is padded with G/2 tokens at each end (T + G tokens, T/G + 1 groups) under a
@@ -29,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lctx_jax import rope as rope_lib
 from lctx_jax.attention import xla
 
 GROUP_FRACTION = 4  # default G = T / 4, as in LongLoRA
@@ -37,23 +42,29 @@ GROUP_FRACTION = 4  # default G = T / 4, as in LongLoRA
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
            kv_positions: jax.Array, segment_ids: jax.Array | None,
            kv_segment_ids: jax.Array | None, scale: float, group_size: int | None = None,
-           block_size: int | None = None) -> jax.Array:
-    """q [B, T, Hq, D]; k, v [B, T, Hkv, D] (self-attention, already rotated); positions,
+           block_size: int | None = None,
+           rope: rope_lib.RopeConfig | rope_lib.RopeArrays | None = None,
+           window: int | None = None, chunk_size: int | None = None) -> jax.Array:
+    """q [B, T, Hq, D]; k, v [B, T, Hkv, D] (self-attention, un-rotated); positions,
     kv_positions [B, T]; segment ids [B, T] or both None -> [B, T, Hq, D] in q's dtype.
 
-    group_size G: even, divides T; default T/4. block_size: passed to xla.attend per group.
+    group_size G: even, divides T; default T/4. block_size, causal, window, chunk_size: passed
+    to xla.attend per group. rope: q and k are rotated here, before grouping.
     """
     batch, length, q_heads, _ = q.shape
     group = check_group_size(length, group_size)
     if q_heads % 2:
         raise ValueError(f"S²-Attn splits the query heads into two halves, so their number must "
                          f"be even; got Hq = {q_heads}")
+    if rope is not None:
+        q, k = rope_lib.rotate_qk(q, k, rope, positions, kv_positions)
     if k.shape[2] % 2:
         k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
     if segment_ids is None:
         segment_ids = kv_segment_ids = jnp.zeros((batch, length), jnp.int32)
     half_q, half_kv = q_heads // 2, k.shape[2] // 2
-    args = dict(causal=causal, scale=scale, block_size=block_size)
+    args = dict(causal=causal, scale=scale, block_size=block_size, window=window,
+                chunk_size=chunk_size)
     plain = _grouped(q[:, :, :half_q], k[:, :, :half_kv], v[:, :, :half_kv], positions,
                      kv_positions, segment_ids, kv_segment_ids, group, **args)
     pad = _pad_id(segment_ids, kv_segment_ids)
