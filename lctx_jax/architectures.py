@@ -2,9 +2,7 @@
 so that `train.py --compile_only` can size a recipe before anything is downloaded.
 
 The fields are those of each model's config.json on the Hugging Face hub (architecture only:
-sizes, heads, vocabulary, RoPE base, norm epsilon, special token ids). One deliberate change:
-Mistral-7B-v0.1 declares sliding_window 4096, which configs/mistral_7b_yarn_64k.py asks the
-user to set to null (YaRN's Mistral fine-tunes attend fully), so it is null here.
+sizes, heads, vocabulary, RoPE base, norm epsilon, sliding window, special token ids).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1,
+        "sliding_window": 4096, "tie_word_embeddings": False, "bos_token_id": 1,
         "eos_token_id": 2, "torch_dtype": "bfloat16"},
 }
 

@@ -15,6 +15,8 @@ Fields (see `default_config` for defaults):
   init_from          HF checkpoint dir (config.json + *.safetensors), lctx_jax checkpoint dir
                      (`lctx_jax.save`), or "" to train from scratch with `model`
   model              from scratch only: an HF config.json dict (model_type "llama", ...)
+  hf_overrides       config.json fields put over init_from's (or model's) that keep the
+                     parameter shapes, e.g. {"sliding_window": None} for full attention
   tokenizer          a sentencepiece tokenizer.model or HF tokenizer.json (or a directory with
                      one); "" means init_from's directory
   tokenizer_vocab_size  > 0: if `tokenizer` does not exist, train one of this size on the
@@ -67,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.init_from = ""
     c.model = ml_collections.ConfigDict()
+    c.hf_overrides = ml_collections.ConfigDict()
     c.tokenizer = ""
     c.tokenizer_vocab_size = 0
     c.data = ml_collections.ConfigDict(dict(dataset="stdlib", split="train",
@@ -150,9 +153,14 @@ def rope_scaling_dict(value: Any, field: str) -> dict[str, Any] | None:
 
 def base_hf_config(config: ml_collections.ConfigDict, published: bool = False
                    ) -> dict[str, Any]:
-    """The config.json dict training starts from: init_from's, or `model` from scratch.
-    published: when init_from holds no config.json yet, take the architecture of the published
-    checkpoint it names (`lctx_jax.architectures`), as `--compile_only` does."""
+    """The config.json dict training starts from: init_from's, or `model` from scratch, with
+    `hf_overrides` put over it. published: when init_from holds no config.json yet, take the
+    architecture of the published checkpoint it names (`lctx_jax.architectures`), as
+    `--compile_only` does."""
+    return {**_source_hf_config(config, published), **plain(config.hf_overrides)}
+
+
+def _source_hf_config(config: ml_collections.ConfigDict, published: bool) -> dict[str, Any]:
     if config.init_from:
         path = paths.as_path(config.init_from) / "config.json"
         if not path.is_file():
@@ -212,7 +220,14 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
         model = models.config_from_hf(base)
     except (KeyError, ValueError) as err:
         source = "config.init_from's config.json" if config.init_from else "config.model"
-        raise ConfigError(f"{source}: {err}") from err
+        raise ConfigError(f"{source} (with config.hf_overrides): {err}") from err
+    if config.hf_overrides:
+        source = models.config_from_hf(_source_hf_config(config, published))
+        layout = models.family_of(model).hf_layout
+        if layout(source) != layout(model):
+            raise ConfigError(f"config.hf_overrides={plain(config.hf_overrides)} changes the "
+                              "parameter shapes; only fields that keep them (sliding_window, "
+                              "rms_norm_eps, token ids, ...) can be overridden")
     targets = models.family_of(model).lora_targets
     if config.lora.rank and not set(config.lora.targets) <= set(targets):
         raise ConfigError(f"config.lora.targets={tuple(config.lora.targets)}: a "
@@ -224,6 +239,14 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
     names = [plain(s.name) for s in stages]
     for i, s in enumerate(stages):
         _validate_stage(s, f"config.stages[{i}]", base)
+        window = getattr(model, "sliding_window", None)
+        if window is not None and s.seq_len > window and "sliding_window" not in (
+                config.hf_overrides):
+            raise ConfigError(
+                f"config.stages[{i}].seq_len={s.seq_len} exceeds the model's sliding_window="
+                f"{window}: every layer would see only the last {window} tokens. Set "
+                "config.hf_overrides.sliding_window = None for full attention (what "
+                f"context-extension recipes use), or = {window} to keep the window")
     if len(set(names)) != len(names):
         raise ConfigError(f"config.stages: names must be unique, got {names}")
 
@@ -280,7 +303,10 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields a resumed run must share with the run that wrote its checkpoints."""
     keep = ("seed", "init_from", "model", "tokenizer", "data", "dtype", "param_dtype", "lora",
             "optimizer", "stages")
-    return {key: plain(config[key]) for key in keep}
+    out = {key: plain(config[key]) for key in keep}
+    if config.hf_overrides:  # only when set: runs without it keep their fingerprint
+        out["hf_overrides"] = plain(config.hf_overrides)
+    return out
 
 
 def pod_config(init_from: str, run_dir: str) -> ml_collections.ConfigDict:

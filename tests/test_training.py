@@ -375,3 +375,18 @@ def test_every_shipped_config_validates(name, tmp_path):
         from lctx_jax import comparison
         with pytest.raises(ConfigError, match="checkpoints not found"):
             comparison.validate(c)
+
+
+def test_a_window_shorter_than_a_stage_is_never_silent(tmp_path):
+    """Mistral-7B-v0.1 slides a 4096-token window; the 64K recipe asks for full attention by
+    config.hf_overrides. Without it validation stops and names both ways out."""
+    c = _recipe("mistral_7b_yarn_64k", tmp_path)
+    validate(c)
+    del c.hf_overrides["sliding_window"]
+    with pytest.raises(ConfigError, match="hf_overrides.sliding_window = None"):
+        validate(c)
+    c.hf_overrides.sliding_window = 4096  # keeping the window deliberately
+    validate(c)
+    c.hf_overrides.hidden_size = 2048
+    with pytest.raises(ConfigError, match="changes the parameter shapes"):
+        validate(c)
