@@ -98,9 +98,9 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_names_and_shapes(reader: SafetensorsReader, config: Any) -> None:
     layout = models.family_of(config).hf_layout(config)
-    present = {n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES)}
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")  # some tied checkpoints store the copy anyway
+    present = {n for n in reader.names()
+               if not n.endswith(_IGNORED_SUFFIXES) and layout.get(n, ()) is not None}
+    layout = {name: shape for name, shape in layout.items() if shape is not None}
     missing, unexpected = sorted(set(layout) - present), sorted(present - set(layout))
     if missing:
         raise ValueError(f"checkpoint {reader.path} lacks {len(missing)} tensors the config "

@@ -205,7 +205,7 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
 
         if not use_cache:
             return refresh(cache)
-        if c.rope.rope_type == "longrope":
+        if c.rope is not None and c.rope.rope_type == "longrope":
             # the one step whose seq_len = max(lengths) + step first exceeds the original length
             switch = c.rope.original_max_position_embeddings + 1 - jnp.max(lengths)
             return jax.lax.cond(step == switch, refresh, decode, cache)

@@ -157,7 +157,11 @@ def next_token_nll(model: Model | ModelSpec, input_ids: Any, params: Any = None,
     (`nll_sum`), so [B, T, vocab] logits never exist. params: default model.params; pass them
     to differentiate (jax.grad(lambda p: next_token_nll(model, ids, p))). Returns 0 when no
     position counts."""
-    params = model.params if params is None else params
+    if params is None:
+        if not hasattr(model, "params"):
+            raise ValueError("next_token_nll(spec, ...) with a ModelSpec needs params=: a spec "
+                             "holds no weights (a Model does)")
+        params = model.params
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")

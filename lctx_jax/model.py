@@ -74,7 +74,7 @@ class ModelSpec:
 
         out_shardings = None
         if self.mesh is not None:
-            out_shardings = self.param_shardings(jax.eval_shape(init, rng))
+            out_shardings = self.shardings_of(jax.eval_shape(init, rng))
         return jax.jit(init, out_shardings=out_shardings)(rng)
 
     def abstract_params(self, param_dtype: Any) -> Any:
@@ -87,12 +87,12 @@ class ModelSpec:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, shapes)
         else:
-            shardings = self.param_shardings(shapes)
+            shardings = self.shardings_of(shapes)
         return jax.tree.map(lambda s, target: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                    sharding=target),
                             shapes, shardings)
 
-    def param_shardings(self, params_or_shapes: Any) -> Any:
+    def shardings_of(self, params_or_shapes: Any) -> Any:
         """NamedSharding tree of a parameter tree (or of an optimizer state mirroring it) by the
         family's sharding rules; None without a mesh."""
         if self.mesh is None:
@@ -133,6 +133,9 @@ class ModelSpec:
              segment_ids: jax.Array | None, rope: RopeArrays | None, adapters: Any,
              logits: bool) -> jax.Array:
         if rope is not None:
+            if self.config.rope is None:
+                raise ValueError(f"rope arrays were passed, but a {self.config.model_type} "
+                                 "model has no rotary positions")
             half = self.config.rope.rotary_dim // 2
             if rope.inv_freq.shape != (half,):
                 raise ValueError(f"rope arrays have inv_freq of shape {rope.inv_freq.shape}; "
@@ -141,7 +144,7 @@ class ModelSpec:
             raise ValueError("LoRA adapters were passed to a model without a LoraConfig; build "
                              "it with lora=LoraConfig(...)")
         if self.mesh is not None:
-            params = jax.lax.with_sharding_constraint(params, self.param_shardings(params))
+            params = jax.lax.with_sharding_constraint(params, self.shardings_of(params))
         if positions is None:
             positions = layers.default_positions(input_ids)
         ctx = layers.Context(positions, segment_ids, None, None, None, rope)
@@ -206,7 +209,7 @@ class Model:
     @property
     def param_shardings(self) -> Any:
         """NamedSharding tree of the parameters by the sharding rules (None without a mesh)."""
-        return self.spec.param_shardings(self.params)
+        return self.spec.shardings_of(self.params)
 
     def apply(self, params: Any, *args: Any, **kwargs: Any) -> jax.Array:
         return self.spec.apply(params, *args, **kwargs)

@@ -55,7 +55,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # The mesh axis names, defined here only: everything else imports them.
-BATCH_AXES = ("data", "fsdp")
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 TENSOR_AXIS = "tensor"
 SEQUENCE_AXIS = "sequence"
 AXES = (*BATCH_AXES, TENSOR_AXIS, SEQUENCE_AXIS)
@@ -73,7 +75,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "sequence": sequence}
+    sizes = dict(zip(AXES, (data, fsdp, tensor, sequence)))
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
                 size < 1 and size != -1):
@@ -163,6 +165,10 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules,
     the path at a "/" boundary; no match: replicated. The heads dimension holds heads ·
     head_dim and is split only between whole heads."""
     for pattern, spec, heads in rules:
+        unknown = {a for entry in spec for a in axes_of(entry)} - set(AXES)
+        if unknown:
+            raise ValueError(f"sharding rule {pattern!r} names mesh axes {sorted(unknown)}; "
+                             f"the axes are {AXES}")
         if re.search(r"(^|/)" + pattern + r"$", path):
             if len(tuple(spec)) > len(shape):  # e.g. an unstacked [in, out] kernel
                 spec = P(*tuple(spec)[len(tuple(spec)) - len(shape):])

@@ -384,7 +384,7 @@ def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Any,
                                                 "trainable": t, "lora": l,
                                                 "opt_state": tx.init((t, l))},
                                   trainable, _lora_shapes(shapes, lora))
-        state_shardings = model.param_shardings(abstract)
+        state_shardings = model.shardings_of(abstract)
     return StagePlan(model, eval_model, mask, tx, schedule,
                      make_step(model, eval_model, tx, schedule, state_shardings),
                      state_shardings, _batch_sharding(mesh, stage))

@@ -1,6 +1,7 @@
 """Adding a model family touches nothing outside its module: a throwaway LLaMA variant with a
-GELU MLP (up/down, no gate) is defined here in a few lines, registered, and must convert,
-train, save, load, shard and generate through the public API."""
+GELU MLP (up/down, no gate, stored as mlp.fc_in / mlp.fc_out) and a tied LM head is defined
+here in a few lines, registered, and must convert, train, save, load, shard, take LoRA and
+generate through the public API."""
 
 import dataclasses
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors import safe_open
 
 import lctx_jax as lx
 from lctx_jax import lora, models, training
@@ -20,7 +22,9 @@ class ToyConfig(llama.ModelConfig):
     ARCHITECTURES = {"toy_llama": "ToyLlamaForCausalLM"}
 
     def linears(self) -> list[llama.LinearName]:
-        return [lin for lin in super().linears() if lin.ours != "gate"]
+        names = {"up": "mlp.fc_in", "down": "mlp.fc_out"}
+        return [dataclasses.replace(lin, theirs=names.get(lin.ours, lin.theirs))
+                for lin in super().linears() if lin.ours != "gate"]
 
 
 class ToyBlock(llama.Block):
@@ -39,7 +43,8 @@ TOY = models.register(dataclasses.replace(
 
 HF_CONFIG = {"model_type": "toy_llama", "vocab_size": 64, "hidden_size": 32,
              "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 128, "eos_token_id": None}
+             "num_key_value_heads": 2, "max_position_embeddings": 128, "eos_token_id": None,
+             "tie_word_embeddings": True}
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +61,17 @@ def ids(batch: int = 2, length: int = 24, seed: int = 0) -> np.ndarray:
 def test_parameters_are_the_variants(toy):
     layers = toy.params["layers"]
     assert "gate" not in layers and layers["up"]["kernel"].shape == (2, 32, 48)
+    assert "lm_head" not in toy.params  # tied
     assert training.flops_per_token(toy.config, 24) < training.flops_per_token(
         llama.ModelConfig.from_hf({**HF_CONFIG, "model_type": "llama"}), 24)
 
 
 def test_hf_export_and_import_round_trip(toy, tmp_path):
     lx.to_hf(toy, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+        names = set(f.keys())
+    assert "model.layers.1.mlp.fc_in.weight" in names and "lm_head.weight" not in names
+    assert not any("gate" in name or "up_proj" in name for name in names)
     back = lx.from_hf(tmp_path)
     assert back.config == toy.config
     np.testing.assert_array_equal(np.asarray(back(ids())), np.asarray(toy(ids())))
@@ -94,10 +104,14 @@ def test_a_train_step_lowers_the_loss(toy):
 def test_lora_uses_the_familys_targets(toy):
     with pytest.raises(ValueError, match="gate"):
         toy.replace(lora=lora.LoraConfig(targets=("gate",)))
-    adapted = lora.LoraConfig(targets=("up", "down"))
+    adapted = lora.LoraConfig(rank=4, targets=("up", "down"))
     adapters = lora.init(toy.params, adapted, jax.random.key(1))
+    adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
+                            adapters)  # B != 0, so the adapters change the output
     out = toy.replace(lora=adapted).apply(toy.params, jnp.asarray(ids()), adapters=adapters)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(toy(ids())), atol=1e-6)
+    merged = lx.Model(toy.config, lora.merge(toy.params, adapters, adapted))(ids())
+    assert np.abs(np.asarray(merged) - np.asarray(toy(ids()))).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(out), np.asarray(merged), atol=1e-5)
 
 
 def test_generate_equals_the_full_forward_argmax(toy):

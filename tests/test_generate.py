@@ -101,6 +101,11 @@ def test_greedy_equals_transformers_with_a_sliding_window(tmp_path_factory):
     expected = hf_full_forward_greedy(hf_model, ids, 24)
     np.testing.assert_array_equal(hf_generate(hf_model, ids, 24), expected)
     np.testing.assert_array_equal(np.asarray(generate(model, ids, 24)), expected)
+    # a left-padded batch: each row as if alone (positions count from its first real token)
+    short = prompts(1, 6, seed=3)[0]
+    batch = np.asarray(generate(model, [short, ids[0]], 24))
+    np.testing.assert_array_equal(batch[0, 4:], np.asarray(generate(model, short[None], 24))[0])
+    np.testing.assert_array_equal(batch[1], expected[0])
 
 
 def test_greedy_equals_transformers_phi3_longrope_across_the_switch(phi3_longrope):

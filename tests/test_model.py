@@ -105,6 +105,28 @@ def test_to_hf_round_trip(family, tmp_path):
                                                                     "model.safetensors"]
 
 
+@pytest.mark.parametrize("family", ["llama-yarn", "llama3", "phi3-partial"])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 8.0,
+                                      "original_max_position_embeddings": 64}])
+def test_with_rope_scaling_equals_reading_config_json_with_it(family, scaling, tmp_path):
+    """The method put on a loaded model equals from_hf(path, rope_scaling=...); None is plain
+    RoPE, equal to reading the checkpoint with its scaling removed."""
+    make_hf(family, tmp_path)
+    config = lx.from_hf(tmp_path).config
+    if scaling is None:
+        hf = json.loads((tmp_path / "config.json").read_text())
+        for key in ("rope_scaling", "rope_parameters"):
+            hf.pop(key, None)
+        hf["rope_theta"] = config.rope.theta
+        expected = lx.ModelConfig.from_hf(hf)
+    else:
+        expected = lx.from_hf(tmp_path, rope_scaling=scaling).config
+    assert config.with_rope_scaling(scaling) == expected
+    assert config.with_rope_scaling(scaling).rope.rope_type == (scaling or {}).get(
+        "rope_type", "default")
+
+
 def test_sharded_checkpoints_read_and_write(tmp_path):
     hf = make_hf("llama", tmp_path / "src")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")

@@ -221,7 +221,7 @@ def train_step(model, optimizer):
     if model.mesh is None:
         return jax.jit(step)
     params = model.param_shardings
-    states = model.spec.param_shardings(jax.eval_shape(optimizer.init, model.params))
+    states = model.spec.shardings_of(jax.eval_shape(optimizer.init, model.params))
     return jax.jit(step, out_shardings=(params, states, None, None))
 
 
@@ -241,7 +241,7 @@ def test_sequence_parallel_train_step_equals_unsharded(hf_dir, reference, sizes)
 
     tokens = sharding.activation_sharding(mesh, ids.shape)
     step = train_step(model, optimizer)
-    opt_state = jax.jit(optimizer.init, out_shardings=model.spec.param_shardings(
+    opt_state = jax.jit(optimizer.init, out_shardings=model.spec.shardings_of(
         jax.eval_shape(optimizer.init, model.params)))(model.params)
     params, opt_state, loss, grads = step(model.params, opt_state, jax.device_put(ids, tokens),
                                           jax.device_put(segments, tokens))
@@ -283,3 +283,10 @@ def test_generate_with_a_ring_model_decodes_with_xla(hf_dir):
     prompt = [[1, 5, 9, 3], [2, 7]]
     np.testing.assert_array_equal(np.asarray(lx.generate(ring_model, prompt, max_new_tokens=6)),
                                   np.asarray(lx.generate(plain, prompt, max_new_tokens=6)))
+
+
+def test_a_rule_naming_an_unknown_axis_fails():
+    mesh = lx.make_mesh(data=2, fsdp=2, tensor=2)
+    with pytest.raises(ValueError, match="'model'"):
+        sharding.param_spec("embed/embedding", (128, 64), mesh,
+                            [("embed/embedding", P("model"), None)])

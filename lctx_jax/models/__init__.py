@@ -20,9 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from jax.sharding import PartitionSpec
-
-Rules = tuple[tuple[str, PartitionSpec, "int | None"], ...]
+from lctx_jax.rope import RopeConfig
+from lctx_jax.sharding import Rules
 
 
 class Config(Protocol):
@@ -32,7 +31,9 @@ class Config(Protocol):
     vocab_size: int
     hidden_size: int
     num_layers: int
-    head_dim: int
+    head_dim: int  # the unit of the sharding rules' heads dimensions
+    rope: RopeConfig | None  # None: no rotary positions (generation, LongRoPE and
+    #                           RopeArrays then do not apply)
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
@@ -50,7 +51,8 @@ class Family:
     model_types: the config.json model_type values it reads.
     config: its config class; `config.from_hf(hf_dict, rope_scaling=None)` reads config.json.
     decoder: its Flax module (contract in the module docstring).
-    hf_layout(config) -> {tensor name: shape} of its transformers checkpoint.
+    hf_layout(config) -> {tensor name: shape} of its transformers checkpoint (shape None: a
+        tensor that may be present and is ignored).
     read_hf(reader, config, dtype) -> iterator of (parameter path, numpy array), one leaf at a
         time (`lctx_jax.convert.SafetensorsReader` gives the tensors).
     write_hf(params, config, to_host) -> iterator of (tensor name, numpy array), each brought to
@@ -67,7 +69,7 @@ class Family:
     model_types: tuple[str, ...]
     config: Any
     decoder: Any
-    hf_layout: Callable[[Any], dict[str, tuple[int, ...]]]
+    hf_layout: Callable[[Any], dict[str, "tuple[int, ...] | None"]]
     read_hf: Callable[[Any, Any, Any], Iterator[tuple[tuple[str, ...], Any]]]
     write_hf: Callable[[Any, Any, Callable], Iterator[tuple[str, Any]]]
     sharding_rules: Rules
@@ -80,15 +82,15 @@ _REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
-    """Makes `family` the one for each of its model_types; returns it."""
+    """Makes `family` the one for each of its model_types; returns it. ValueError when a
+    model_type already belongs to another family."""
+    taken = {t: _REGISTRY[t].name for t in family.model_types
+             if t in _REGISTRY and _REGISTRY[t] is not family}
+    if taken:
+        raise ValueError(f"model_types already registered: {taken}")
     for model_type in family.model_types:
         _REGISTRY[model_type] = family
     return family
-
-
-def model_types() -> tuple[str, ...]:
-    """Every registered model_type."""
-    return tuple(_REGISTRY)
 
 
 def family_for(model_type: Any) -> Family:
@@ -108,14 +110,13 @@ def config_from_hf(hf: Mapping[str, Any], rope_scaling: Mapping[str, Any] | None
                    ) -> Any:
     """The family config of a config.json dict (its model_type picks the family);
     `rope_scaling` puts a context-extension method on it."""
-    model_type = hf.get("model_type")
-    if model_type not in _REGISTRY:
-        raise ValueError(f"config.json has model_type {model_type!r} (architectures "
-                         f"{hf.get('architectures')}); lctx_jax supports "
-                         f"{', '.join(_REGISTRY)}")
-    return _REGISTRY[model_type].config.from_hf(hf, rope_scaling)
+    try:
+        family = family_for(hf.get("model_type"))
+    except ValueError as err:
+        raise ValueError(f"config.json (architectures {hf.get('architectures')}): {err}") from None
+    return family.config.from_hf(hf, rope_scaling)
 
 
-from lctx_jax.models import llama  # noqa: E402  (the families register themselves below)
+from lctx_jax.models import llama  # noqa: E402  (after Family, which the family modules use)
 
 register(llama.FAMILY)

@@ -149,6 +149,7 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":
             out["use_sliding_window"] = self.sliding_window is not None
+            out["max_window_layers"] = 0 if self.sliding_window is not None else self.num_layers
             out["layer_types"] = [("sliding_attention" if self.sliding_window is not None
                                    else "full_attention")] * self.num_layers
         if "partial_rotary_factor" in rope:
@@ -159,7 +160,9 @@ class ModelConfig:
 
     def with_rope_scaling(self, rope_scaling: Mapping[str, Any] | None) -> "ModelConfig":
         """This architecture with `rope_scaling` (a transformers rope_scaling dict) in place of
-        its own method; None: plain RoPE. Base theta and partial rotary stay."""
+        its own method; None: plain RoPE. Base theta and partial rotary stay, so the result
+        equals reading the checkpoint's config.json with that rope_scaling (an "ntk" rope,
+        which config.json stores as its scaled base, keeps the unscaled base here)."""
         hf = {**self.to_hf(), "rope_theta": self.rope.theta}
         hf.pop("rope_parameters")
         return dataclasses.replace(self, rope=RopeConfig.from_hf(hf, rope_scaling))
@@ -300,7 +303,8 @@ _NORMS = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layerno
 
 def hf_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the transformers checkpoint, with its shape (torch Linear weights
-    are [out, in])."""
+    are [out, in]); None for a tensor that may be present and is not read (the copy of a
+    tied LM head some checkpoints store)."""
     c = config
     per_layer: dict[str, tuple[int, ...]] = {
         f"{theirs}.weight": (c.hidden_size,) for _, theirs in _NORMS}
@@ -316,8 +320,7 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         per_layer[f"{theirs}.weight"] = (sum(shapes[n][1] for n in names), c.hidden_size)
     layout = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
               "model.norm.weight": (c.hidden_size,)}
-    if not c.tie_word_embeddings:
-        layout["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    layout["lm_head.weight"] = None if c.tie_word_embeddings else (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
         layout.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
     return layout
@@ -399,15 +402,16 @@ def write_hf(params: Mapping[str, Any], config: ModelConfig,
 # Megatron layout: attention and MLP inputs column parallel, outputs row parallel; "fsdp"
 # splits the hidden dimension. The stacked layer axis L (nn.scan) is never split. Heads
 # dimensions (2 for q/k/v kernels [L, H, heads·D], 1 for o [L, heads·D, H]) count whole heads.
+_F, _T = sharding.FSDP_AXIS, sharding.TENSOR_AXIS
 SHARDING_RULES = (
-    (r"embed/embedding", P("tensor", "fsdp"), None),
-    (r"lm_head/kernel", P("fsdp", "tensor"), None),
-    (r"layers/(q|k|v)/kernel", P(None, "fsdp", "tensor"), 2),
-    (r"layers/(gate|up)/kernel", P(None, "fsdp", "tensor"), None),
-    (r"layers/o/kernel", P(None, "tensor", "fsdp"), 1),
-    (r"layers/down/kernel", P(None, "tensor", "fsdp"), None),
-    (r"layers/(q|k|v)/bias", P(None, "tensor"), 1),
-    (r"layers/(gate|up)/bias", P(None, "tensor"), None),
+    (r"embed/embedding", P(_T, _F), None),
+    (r"lm_head/kernel", P(_F, _T), None),
+    (r"layers/(q|k|v)/kernel", P(None, _F, _T), 2),
+    (r"layers/(gate|up)/kernel", P(None, _F, _T), None),
+    (r"layers/o/kernel", P(None, _T, _F), 1),
+    (r"layers/down/kernel", P(None, _T, _F), None),
+    (r"layers/(q|k|v)/bias", P(None, _T), 1),
+    (r"layers/(gate|up)/bias", P(None, _T), None),
     (r"layers/(o|down)/bias", P(), None),
     (r"\w*norm/scale", P(), None),
 )
