@@ -148,8 +148,8 @@ def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array | None = None,
     return targets, weights
 
 
-def next_token_nll(model: Model | ModelSpec, input_ids: Any, params: Any = None, loss_mask: Any = None,
-                   positions: Any = None, segment_ids: Any = None,
+def next_token_nll(model: Model | ModelSpec, input_ids: Any, params: Any = None,
+                   loss_mask: Any = None, positions: Any = None, segment_ids: Any = None,
                    chunk_tokens: int = CHUNK_TOKENS) -> jax.Array:
     """Mean next-token NLL (f32 scalar) of `model` on input_ids [B, T]: position t predicts
     input_ids[t + 1]. Not counted: the last position, targets in another document (segment_ids

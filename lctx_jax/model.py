@@ -66,7 +66,7 @@ class ModelSpec:
 
     def init_params(self, rng: jax.Array, param_dtype: Any = jnp.float32) -> Any:
         """Randomly initialised parameters (on a mesh created already split by the rules)."""
-        module = self.module(param_dtype)
+        module = self._init_module(param_dtype)
         ids = jnp.zeros((1, 1), jnp.int32)
 
         def init(rng: jax.Array) -> Any:
@@ -81,7 +81,7 @@ class ModelSpec:
         """ShapeDtypeStructs of the parameter tree, each carrying the sharding to place it in:
         the rules' on a mesh, else the first device."""
         ids = jnp.zeros((1, 1), jnp.int32)
-        shapes = jax.eval_shape(self.module(param_dtype).init, jax.random.key(0), ids,
+        shapes = jax.eval_shape(self._init_module(param_dtype).init, jax.random.key(0), ids,
                                 _context(ids))["params"]
         if self.mesh is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -91,6 +91,12 @@ class ModelSpec:
         return jax.tree.map(lambda s, target: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                    sharding=target),
                             shapes, shardings)
+
+    def _init_module(self, param_dtype: Any) -> Any:
+        """The decoder that creates the parameters: plain attention on one token, no mesh
+        (the parameters do not depend on how attention runs)."""
+        plain = dataclasses.replace(self, attention="xla", remat="none", mesh=None, lora=None)
+        return plain.module(param_dtype)
 
     def shardings_of(self, params_or_shapes: Any) -> Any:
         """NamedSharding tree of a parameter tree (or of an optimizer state mirroring it) by the
