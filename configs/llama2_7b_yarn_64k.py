@@ -8,7 +8,7 @@ Reported (Proof-pile, s = 16): 7B perplexity ≈ 2.5 at 64K.
     python train.py --config configs/llama2_7b_yarn_64k.py --config.init_from=/ckpt/Llama-2-7b-hf
 At 64K the sequence is split over a "sequence" mesh axis of 4 with ring attention.
 Sizing (measured: `--compile_only=v5p:2x4x4`): v5p-64 (32 chips, fsdp=8 × sequence=4), 8
-micro-batches, 16K tokens per chip: train step peak 37.7 GiB of 95 GiB per chip, eval 6.5 GiB.
+micro-batches, 16K tokens per chip: train step peak 37.8 GiB of 95 GiB per chip, eval 6.5 GiB.
 """
 
 from lctx_jax.train_config import pod_config, stage

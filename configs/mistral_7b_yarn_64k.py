@@ -8,7 +8,7 @@ YaRN's Llama-2 recipe: 400 steps, lr 2e-5, 20 warmup steps, global batch 64.
 
     python train.py --config configs/mistral_7b_yarn_64k.py --config.init_from=/ckpt/Mistral-7B-v0.1
 Sizing (measured: `--compile_only=v5p:2x4x4`): v5p-64 (32 chips, fsdp=8 × sequence=4), 8
-micro-batches, 16K tokens per chip: train step peak 36.6 GiB of 95 GiB per chip, eval 6.3 GiB.
+micro-batches, 16K tokens per chip: train step peak 36.3 GiB of 95 GiB per chip, eval 6.3 GiB.
 """
 
 from lctx_jax.train_config import pod_config, stage
