@@ -4,17 +4,20 @@
     python -m lctx_jax.convert orbax-to-hf SRC DST
 
 Safetensors only: pickle-based files (pytorch_model.bin) are never unpickled. Every expected
-tensor must be present with the shape the config implies; anything else is an error that names
-the tensor, never a silently wrong model.
+tensor must be present, floating point, finite and of the shape the config implies, and a
+sharded index may only name files inside the checkpoint directory; anything else is an error
+that names the tensor (or file), never a silently wrong model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import sys
+import warnings
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -36,14 +39,17 @@ MAX_SHARD_BYTES = 5 * 2**30
 
 
 class SafetensorsReader:
-    """Tensors of a checkpoint directory: model.safetensors or sharded with an index."""
+    """Tensors of a checkpoint directory: model.safetensors or sharded with an index.
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    check_finite: every tensor read is checked for NaN / inf (ValueError naming it).
+    """
+
+    def __init__(self, path: str | os.PathLike, check_finite: bool = True) -> None:
         self.path = pathlib.Path(path)
+        self.check_finite = check_finite
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _index_files(index)
         elif (self.path / "model.safetensors").exists():
             files = ["model.safetensors"]
         else:
@@ -53,6 +59,7 @@ class SafetensorsReader:
                     if pickled else "")
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
                                     f"{self.path}.{hint}")
+        self.files = files
         self._handles = {}
         self._where: dict[str, str] = {}
         for name in files:
@@ -72,20 +79,80 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code, e.g. "BF16", "F32", "I64", "BOOL"."""
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
     def get(self, name: str) -> np.ndarray:
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            value = self._handles[self._where[name]].get_tensor(name)
         except SafetensorError as err:
             raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
                              "file may be truncated") from err
+        return self._finite(value, name)
 
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor, reading only those."""
         try:
-            return self._handles[self._where[name]].get_slice(name)[start:stop]
+            value = self._handles[self._where[name]].get_slice(name)[start:stop]
         except SafetensorError as err:
             raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
                              "file may be truncated") from err
+        return self._finite(value, f"{name} (rows {start}:{stop})")
+
+    def _finite(self, value: np.ndarray, name: str) -> np.ndarray:
+        if self.check_finite and not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value))[0]
+            raise ValueError(
+                f"tensor {name} of {self.path} holds {value[tuple(bad)]} at index "
+                f"{tuple(int(i) for i in bad)}: the weights are damaged or diverged; use "
+                "another copy, or pass check_finite=False to load them anyway")
+        return value
+
+    def default_dtype(self, hf: Mapping[str, Any]) -> np.dtype:
+        """The dtype transformers (5.x, dtype="auto") loads the model in: config.json's
+        dtype (or torch_dtype), else the first floating-point tensor's of the first file."""
+        named = hf.get("dtype") or hf.get("torch_dtype")
+        if named is not None and named != "auto":
+            if named not in _FLOAT_DTYPES.values():
+                raise ValueError(f"{self.path / 'config.json'}: dtype={named!r} is not one of "
+                                 f"{sorted(set(_FLOAT_DTYPES.values()))}")
+            return _np_dtype(named)
+        first = self._handles[self.files[0]]
+        for key in first.keys():
+            code = first.get_slice(key).get_dtype()
+            if code in _FLOAT_DTYPES:
+                return _np_dtype(_FLOAT_DTYPES[code])
+        return np.dtype(np.float32)
+
+
+# safetensors dtype codes of the floating-point types a checkpoint may store
+_FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(jnp.dtype(name))
+
+
+def _index_files(index: pathlib.Path) -> list[str]:
+    """The shard files model.safetensors.index.json names: plain file names or paths inside
+    the checkpoint directory (a path that leaves it is refused, whatever the index says)."""
+    weight_map = paths.read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        parts = pathlib.PurePosixPath(name).parts
+        if not parts or pathlib.PurePosixPath(name).is_absolute() or ".." in parts or (
+                "\\" in name or ":" in name):
+            raise ValueError(f"{index} names the shard {name!r}, which is not a file inside "
+                             f"{index.parent}; shards must be named relative to the checkpoint "
+                             "directory")
+    return files
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,7 +160,7 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: a Hugging Face checkpoint directory holds "
                                 "config.json and *.safetensors")
-    return json.loads(file.read_text())
+    return paths.read_json(file)
 
 
 def _check_names_and_shapes(reader: SafetensorsReader, config: Any) -> None:
@@ -109,20 +176,38 @@ def _check_names_and_shapes(reader: SafetensorsReader, config: Any) -> None:
         raise ValueError(f"checkpoint {reader.path} has {len(unexpected)} tensors this "
                          f"{config.model_type} config does not use, e.g. {unexpected[:3]}")
     for name, shape in layout.items():
-        handle = reader._handles[reader._where[name]]
-        actual = tuple(handle.get_slice(name).get_shape())
+        actual = reader.shape(name)
         if actual != shape:
             raise ValueError(f"tensor {name} has shape {actual}, but config.json implies "
                              f"{shape}: the checkpoint and config.json do not belong together")
+        if reader.dtype(name) not in _FLOAT_DTYPES:
+            raise ValueError(f"tensor {name} is stored as {reader.dtype(name)}; weights must be "
+                             f"floating point ({', '.join(_FLOAT_DTYPES)}); quantized or "
+                             "integer checkpoints are not read")
 
 
-def iter_params_from_hf(reader: SafetensorsReader, config: Any, dtype: Any = None,
+def iter_params_from_hf(reader: SafetensorsReader, config: Any, dtype: Any,
                         progress: bool = False) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, numpy array) of every leaf of the family decoder's parameter tree, one leaf at a
     time (the family's `read_hf`), after checking every tensor's name and shape."""
     _check_names_and_shapes(reader, config)
     leaves = models.family_of(config).read_hf(reader, config, dtype)
     yield from tqdm(leaves, desc="tensors", disable=not progress)
+
+
+def _untie_a_distinct_head(reader: SafetensorsReader, config: Any) -> Any:
+    """`config`, untied when it ties the LM head to the embedding but the checkpoint stores a
+    head that differs: transformers (5.x) then keeps both, so the model does too."""
+    tied = models.family_of(config).hf_tied_head
+    if not config.tie_word_embeddings or tied is None or tied[0] not in reader.names():
+        return config
+    head, embedding = tied
+    if np.array_equal(reader.get(head), reader.get(embedding)):
+        return config
+    warnings.warn(f"{reader.path}: config.json ties the LM head to the embedding, but {head} is "
+                  f"stored and differs from {embedding}; reading them untied, as transformers "
+                  "does (set tie_word_embeddings to false to silence this)", stacklevel=3)
+    return dataclasses.replace(config, tie_word_embeddings=False)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -134,10 +219,15 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
             rope_scaling: Mapping[str, Any] | None = None, attention: str = "xla",
             mesh: Any = None, param_dtype: Any = None, remat: str = "none",
-            progress: bool = False) -> Model:
+            progress: bool = False, check_finite: bool = True) -> Model:
     """A Model from a transformers checkpoint directory (config.json + *.safetensors).
 
-    dtype: compute dtype. param_dtype: storage dtype, default the checkpoint's (bf16 stays bf16).
+    dtype: compute dtype. param_dtype: storage dtype, default the one transformers loads
+    (config.json's dtype, else the first floating-point tensor's: bf16 stays bf16; tensors
+    stored in another dtype are cast to it). check_finite: a NaN or inf weight is a ValueError
+    naming the tensor (False: load it anyway). A tied config (tie_word_embeddings) whose
+    checkpoint stores an lm_head that differs from the embedding is read untied, with a
+    warning, as transformers does.
     rope_scaling: a context-extension method put on the checkpoint, e.g.
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}.
     mesh: a Mesh from `lctx_jax.make_mesh`: every parameter is split by the sharding rules
@@ -146,11 +236,14 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     leaf is read, so host memory peaks at about one stacked leaf (e.g. all layers' gate
     kernels), not the model.
     """
-    config = models.config_from_hf(read_hf_config(path), rope_scaling)
+    hf = read_hf_config(path)
+    config = models.config_from_hf(hf, rope_scaling)
+    reader = SafetensorsReader(path, check_finite)
+    config = _untie_a_distinct_head(reader, config)
+    param_dtype = reader.default_dtype(hf) if param_dtype is None else param_dtype
     rules = models.family_of(config).sharding_rules
     params: dict = {}
-    for leaf_path, host in iter_params_from_hf(SafetensorsReader(path), config, param_dtype,
-                                               progress):
+    for leaf_path, host in iter_params_from_hf(reader, config, param_dtype, progress):
         if mesh is None:
             value = jax.device_put(host)
         else:
@@ -217,6 +310,9 @@ def to_hf(model: Model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_S
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The conversion CLI. A bad SRC or DST (missing, damaged, not a checkpoint, DST already
+    holding one) is one line on stderr and exit status 2, as argparse reports bad arguments;
+    anything unexpected keeps its traceback."""
     from lctx_jax import checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m lctx_jax.convert",
@@ -229,12 +325,25 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("src")
         p.add_argument("dst")
     args = parser.parse_args(argv)
-    if args.command == "hf-to-orbax":
-        model = from_hf(args.src, progress=True)
-        checkpoint.save(model, args.dst)
-    else:
-        model = checkpoint.load(args.src)
-        to_hf(model, args.dst, progress=True)
+    dst = paths.as_path(args.dst)
+    try:
+        if args.command == "hf-to-orbax":
+            if checkpoint.is_complete(dst):  # before reading SRC, which can take minutes
+                raise FileExistsError(f"{dst} holds a checkpoint; choose a new directory or "
+                                      "remove it")
+            model = from_hf(args.src, progress=True)
+            checkpoint.save(model, dst)
+        else:
+            if (dst / "config.json").exists():  # no stale shards or index mixed in
+                raise FileExistsError(f"{dst} holds a Hugging Face checkpoint (config.json); "
+                                      "choose a new directory or remove it")
+            model = checkpoint.load(args.src)
+            to_hf(model, dst, progress=True)
+    except (FileNotFoundError, FileExistsError, json.JSONDecodeError, ValueError,
+            OSError) as err:
+        message = " ".join(line.strip() for line in str(err).splitlines())
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
     print(f"{args.command}: wrote {args.dst}")
     return 0
 

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lctx_jax import hf_fields as fields
+
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
 
 # Keys each method reads from the scaling dict, beyond rope_type/type, rope_theta and
@@ -137,11 +139,20 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
         raise ValueError(f"rope_parameters / rope_scaling must be a dict, got {own!r}")
     params = dict(override) if override is not None else dict(own)
 
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "su":  # Phi-3's early name for LongRoPE
-        rope_type = "longrope"
-    if override is None and config.get("model_type") == "phi3" and rope_type == "yarn":
-        rope_type = "longrope"  # transformers reads Phi-3's legacy "yarn" as longrope too
+    def canonical(name: Any) -> Any:
+        if name == "su":  # Phi-3's early name for LongRoPE
+            return "longrope"
+        if override is None and config.get("model_type") == "phi3" and name == "yarn":
+            return "longrope"  # transformers reads Phi-3's legacy "yarn" as longrope too
+        return name
+
+    named = {key: canonical(params[key]) for key in ("rope_type", "type")
+             if params.get(key) is not None}
+    if len(set(named.values())) > 1:
+        raise ValueError(f"the rope scaling dict names two methods, rope_type="
+                         f"{params['rope_type']!r} and type={params['type']!r}; keep one "
+                         "(rope_type; type is the older name of the same key)")
+    rope_type = next(iter(named.values()), "default")
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is unknown; use one of {', '.join(ROPE_TYPES)}")
 
@@ -155,33 +166,37 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
                 return source[key]
         return default
 
-    theta = float(pick("rope_theta", 10000.0))
-    partial = float(pick("partial_rotary_factor", 1.0))
-    head_dim = config.get("head_dim")
-    if not head_dim:
+    theta = fields.finite(pick("rope_theta", 10000.0), "rope_theta", above=0.0)
+    partial = fields.finite(pick("partial_rotary_factor", 1.0), "partial_rotary_factor",
+                            above=0.0)
+    head_dim = fields.integer(config, "head_dim", None)
+    if head_dim is None:
         if not config.get("hidden_size") or not config.get("num_attention_heads"):
             raise ValueError("config needs head_dim, or hidden_size and num_attention_heads")
-        head_dim = config["hidden_size"] // config["num_attention_heads"]
-    head_dim = int(head_dim)
-    max_pos = config.get("max_position_embeddings")
+        head_dim = (fields.integer(config, "hidden_size")
+                    // fields.integer(config, "num_attention_heads"))
+    max_pos = fields.integer(config, "max_position_embeddings", None)
+    scaling = "the rope scaling dict"
 
     kwargs: dict[str, Any] = {}
     if rope_type in ("yarn", "longrope", "llama3"):
         # Phi-3 keeps the pretraining length at the top level; transformers lets it win over
         # the scaling dict. An explicit override still wins over both.
-        explicit = override.get("original_max_position_embeddings") if override else None
-        orig = explicit or config.get("original_max_position_embeddings") \
-            or own.get("original_max_position_embeddings") or max_pos
+        key = "original_max_position_embeddings"
+        given = [fields.integer(source, key, None, where=where) for source, where in
+                 ((override or {}, scaling), (config, "config.json"), (own, scaling))]
+        orig = next((value for value in given if value is not None), max_pos)
         if orig is None:
             raise ValueError(f"rope {rope_type!r} needs original_max_position_embeddings "
                              "(or max_position_embeddings) in the config")
-        kwargs["original_max_position_embeddings"] = int(orig)
+        kwargs[key] = orig
     if rope_type in ("dynamic",) or (rope_type in ("yarn", "longrope") and
                                      params.get("factor") is None):
         if max_pos is None:
             raise ValueError(f"rope {rope_type!r} needs max_position_embeddings in the config")
 
-    factor = params.get("factor")
+    factor = (fields.number(params, "factor", None, where=scaling)
+              if "factor" in _METHOD_KEYS[rope_type] else None)
     if factor is None:
         if rope_type in _FACTOR_REQUIRED:
             raise ValueError(f"rope {rope_type!r} needs the key 'factor' (the context "
@@ -195,12 +210,14 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
     for key in ("attention_factor", "mscale", "mscale_all_dim", "low_freq_factor",
                 "high_freq_factor"):
         if key in _METHOD_KEYS[rope_type] and params.get(key) is not None:
-            kwargs[key] = float(params[key])
+            kwargs[key] = fields.number(params, key, where=scaling)
     if rope_type == "yarn":
         # transformers: `get("beta_fast") or 32`, so 0/None fall back to the defaults
-        kwargs["beta_fast"] = float(params.get("beta_fast") or 32)
-        kwargs["beta_slow"] = float(params.get("beta_slow") or 1)
-        kwargs["truncate"] = bool(params.get("truncate", True))
+        kwargs["beta_fast"] = fields.finite(params.get("beta_fast") or 32, "beta_fast",
+                                            where=scaling)
+        kwargs["beta_slow"] = fields.finite(params.get("beta_slow") or 1, "beta_slow",
+                                            where=scaling)
+        kwargs["truncate"] = fields.flag(params, "truncate", True, where=scaling)
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor"):
             if key not in kwargs:
@@ -210,20 +227,40 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
             if params.get(key) is None:
                 raise ValueError(f"rope 'longrope' needs the key {key!r}: a list of "
                                  f"rotary_dim/2 = {int(head_dim * partial) // 2} rescale factors")
-            kwargs[key] = tuple(float(v) for v in params[key])
-    kwargs["start_tokens"] = int(params.get("start_tokens") or 0)
+            if not isinstance(params[key], (list, tuple)):
+                raise ValueError(f"{scaling}: {key} must be a list of numbers, got "
+                                 f"{params[key]!r}")
+            kwargs[key] = tuple(fields.finite(v, f"{key}[{i}]", above=0.0, where=scaling)
+                                for i, v in enumerate(params[key]))
+    kwargs["start_tokens"] = fields.integer(params, "start_tokens", 0, minimum=0,
+                                            where=scaling)
 
     return RopeConfig(rope_type=rope_type, theta=theta, head_dim=head_dim,
                       rotary_dim=int(head_dim * partial),
-                      max_position_embeddings=int(max_pos) if max_pos else 2048, **kwargs)
+                      max_position_embeddings=max_pos or 2048, **kwargs)
 
 
 def _validate(rope: RopeConfig) -> None:
     if rope.rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type {rope.rope_type!r} is unknown; "
                          f"use one of {', '.join(ROPE_TYPES)}")
-    if not rope.theta > 0:
-        raise ValueError(f"rope_theta must be positive, got {rope.theta}")
+    if not 0 < rope.theta < math.inf:
+        raise ValueError(f"rope_theta must be positive and finite, got {rope.theta}")
+    numbers = {key: getattr(rope, key) for key in (
+        "factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+        "low_freq_factor", "high_freq_factor")}
+    numbers.update({f"{key}[{i}]": v for key in ("short_factor", "long_factor")
+                    for i, v in enumerate(getattr(rope, key) or ())})
+    for key, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"rope {rope.rope_type!r}: {key}={value} must be a finite number")
+    if rope.rope_type == "yarn" and not rope.beta_fast > rope.beta_slow:
+        raise ValueError(f"rope 'yarn': beta_fast={rope.beta_fast} must be > beta_slow="
+                         f"{rope.beta_slow} (the ramp runs from beta_slow to beta_fast "
+                         "rotations; the paper uses 32 and 1)")
+    if rope.max_position_embeddings < 1:
+        raise ValueError(f"max_position_embeddings must be >= 1, got "
+                         f"{rope.max_position_embeddings}")
     if rope.head_dim <= 0:
         raise ValueError(f"head_dim must be positive, got {rope.head_dim}")
     if not 0 < rope.rotary_dim <= rope.head_dim or rope.rotary_dim % 2:

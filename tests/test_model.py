@@ -26,6 +26,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 VOCAB, HIDDEN, HEADS, KV_HEADS = 128, 64, 4, 2  # head_dim 16
 LONGROPE = {"type": "longrope", "short_factor": np.linspace(1.0, 1.5, 8).tolist(),
             "long_factor": np.linspace(1.0, 6.0, 8).tolist()}
+PHI3_IDS = {"pad_token_id": 0, "eos_token_id": 2}  # Phi3Config's defaults lie past VOCAB
 FAMILIES = {
     "llama": (tf.LlamaForCausalLM, tf.LlamaConfig, {}),
     "llama-bias": (tf.LlamaForCausalLM, tf.LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
@@ -43,10 +44,10 @@ FAMILIES = {
     "qwen2-window": (tf.Qwen2ForCausalLM, tf.Qwen2Config, {
         "use_sliding_window": True, "sliding_window": 24, "max_window_layers": 0}),
     "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config, {
-        "original_max_position_embeddings": 64, "rope_scaling": LONGROPE, "pad_token_id": 0}),
-    "phi3-window": (tf.Phi3ForCausalLM, tf.Phi3Config, {"sliding_window": 24, "pad_token_id": 0}),
+        "original_max_position_embeddings": 64, "rope_scaling": LONGROPE, **PHI3_IDS}),
+    "phi3-window": (tf.Phi3ForCausalLM, tf.Phi3Config, {"sliding_window": 24, **PHI3_IDS}),
     "phi3-partial": (tf.Phi3ForCausalLM, tf.Phi3Config, {
-        "partial_rotary_factor": 0.5, "pad_token_id": 0, "original_max_position_embeddings": 64,
+        "partial_rotary_factor": 0.5, **PHI3_IDS, "original_max_position_embeddings": 64,
         "rope_scaling": {**LONGROPE, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}}),
 }
 

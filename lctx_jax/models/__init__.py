@@ -53,8 +53,8 @@ class Family:
     decoder: its Flax module (contract in the module docstring).
     hf_layout(config) -> {tensor name: shape} of its transformers checkpoint (shape None: a
         tensor that may be present and is ignored).
-    read_hf(reader, config, dtype) -> iterator of (parameter path, numpy array), one leaf at a
-        time (`lctx_jax.convert.SafetensorsReader` gives the tensors).
+    read_hf(reader, config, dtype) -> iterator of (parameter path, numpy array of `dtype`), one
+        leaf at a time (`lctx_jax.convert.SafetensorsReader` gives the tensors).
     write_hf(params, config, to_host) -> iterator of (tensor name, numpy array), each brought to
         the host by `to_host` when it is yielded.
     sharding_rules: (path pattern, PartitionSpec, heads dimension or None) rows
@@ -63,6 +63,8 @@ class Family:
     flops_per_token(config, seq_len) -> training FLOPs per token.
     decode_state(config, batch, size, dtype) -> the empty per-layer decode state (stacked
         over layers) for `size` tokens.
+    hf_tied_head: (LM head tensor, embedding tensor) names of a tied head that a checkpoint
+        may also store (read untied when the two differ, as transformers does), or None.
     """
 
     name: str
@@ -76,6 +78,7 @@ class Family:
     lora_targets: tuple[str, ...]
     flops_per_token: Callable[[Any, int], float]
     decode_state: Callable[[Any, int, int, Any], Any]
+    hf_tied_head: tuple[str, str] | None = None
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -19,6 +19,7 @@ one-token decode step has nothing to split along "sequence" anyway.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lctx_jax import layers, sharding
+from lctx_jax import hf_fields as fields, layers, sharding
 from lctx_jax.models import Family
 from lctx_jax.rope import RopeConfig
 
@@ -95,27 +96,35 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (LLaMA-family models use silu)")
-        heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
+        vocab = fields.integer(hf, "vocab_size")
+        hidden = fields.integer(hf, "hidden_size")
+        heads = fields.integer(hf, "num_attention_heads")
+        head_dim = fields.integer(hf, "head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ValueError(f"config.json: hidden_size={hidden} is not a multiple of "
+                                 f"num_attention_heads={heads} and there is no head_dim; "
+                                 "transformers needs one or the other")
+            head_dim = hidden // heads
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=fields.integer(hf, "intermediate_size"),
+            num_layers=fields.integer(hf, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_kv_heads=fields.integer(hf, "num_key_value_heads", heads),
+            head_dim=head_dim,
             rope=RopeConfig.from_hf(hf, rope_scaling),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            o_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            rms_norm_eps=fields.number(hf, "rms_norm_eps", 1e-6, above=0.0),
+            tie_word_embeddings=fields.flag(hf, "tie_word_embeddings"),
+            qkv_bias=model_type == "qwen2" or fields.flag(hf, "attention_bias"),
+            o_bias=model_type == "llama" and fields.flag(hf, "attention_bias"),
+            mlp_bias=fields.flag(hf, "mlp_bias"),
             sliding_window=_sliding_window(hf),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=hf.get("pad_token_id"),
+            bos_token_id=fields.token_id(hf, "bos_token_id", vocab),
+            eos_token_id=fields.token_id(hf, "eos_token_id", vocab, many=True),
+            pad_token_id=_pad_token_id(hf, vocab),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -186,20 +195,30 @@ class ModelConfig:
         return {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
 
 
+def _pad_token_id(hf: Mapping[str, Any], vocab: int) -> int | None:
+    """pad_token_id, or None; -1 (how early LLaMA conversions wrote "no pad token") reads as
+    None, with a warning."""
+    if hf.get("pad_token_id") == -1:
+        warnings.warn("config.json: pad_token_id=-1 read as null (no pad token)", stacklevel=4)
+        return None
+    return fields.token_id(hf, "pad_token_id", vocab)
+
+
 def _sliding_window(hf: Mapping[str, Any]) -> int | None:
     """The sliding window every layer uses, or None (full attention), as transformers reads it:
     Mistral and Phi-3 use `sliding_window` on every layer; Qwen2 only with use_sliding_window,
     on the layers that `layer_types` (or max_window_layers) marks "sliding_attention"."""
-    model_type, window = hf.get("model_type"), hf.get("sliding_window")
-    if model_type == "llama" or window is None:
+    model_type = hf.get("model_type")
+    window = None if model_type == "llama" else fields.integer(hf, "sliding_window", None)
+    if window is None:
         return None
     if model_type != "qwen2":
         return window
     if not hf.get("use_sliding_window", False):
         return None
     types = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(hf["num_hidden_layers"])]
+        "sliding_attention" if i >= fields.integer(hf, "max_window_layers", 28, minimum=0)
+        else "full_attention" for i in range(fields.integer(hf, "num_hidden_layers"))]
     if set(types) == {"full_attention"}:
         return None
     if set(types) == {"sliding_attention"}:
@@ -358,9 +377,9 @@ def read_hf(reader: Any, config: ModelConfig, dtype: Any
             ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, numpy array) of every leaf of the Decoder's parameter tree, one leaf at a time: a
     stacked layer leaf [L, ...] is built from the L per-layer tensors and dropped here once
-    the caller moves on, so the host holds one leaf at a time. dtype None: the checkpoint's."""
+    the caller moves on, so the host holds one leaf at a time."""
+    dtype = np.dtype(dtype)
     embedding = reader.get("model.embed_tokens.weight")
-    dtype = np.dtype(embedding.dtype if dtype is None else dtype)
     yield ("embed", "embedding"), embedding.astype(dtype, copy=False)
     del embedding
     for ours, leaf, shape in _layer_leaves(config):
@@ -438,4 +457,5 @@ FAMILY = Family(
     name="llama", model_types=tuple(ModelConfig.ARCHITECTURES), config=ModelConfig,
     decoder=Decoder, hf_layout=hf_layout, read_hf=read_hf, write_hf=write_hf,
     sharding_rules=SHARDING_RULES, lora_targets=LORA_TARGETS,
-    flops_per_token=flops_per_token, decode_state=decode_state)
+    flops_per_token=flops_per_token, decode_state=decode_state,
+    hf_tied_head=("lm_head.weight", "model.embed_tokens.weight"))
