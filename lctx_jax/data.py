@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import operator
 import os
 import pathlib
@@ -287,10 +286,14 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokeni
     if path.name.endswith(".json"):
         return _hf_tokenizer(path)
     try:
-        return SentencePieceTokenizer(path.read_bytes(), source=path)
+        tokenizer = SentencePieceTokenizer(path.read_bytes(), source=path)
     except RuntimeError as err:
         raise ValueError(f"{path} is not a sentencepiece model ({err}); a Hugging Face "
                          "tokenizer must be named *.json") from err
+    if not tokenizer.vocab_size:
+        raise ValueError(f"{path} holds no sentencepiece pieces (an empty or damaged file); "
+                         "copy the tokenizer.model again")
+    return tokenizer
 
 
 def _hf_tokenizer(path: Any) -> HFTokenizer:
@@ -303,8 +306,8 @@ def _hf_tokenizer(path: Any) -> HFTokenizer:
     ids = {}
     config_file = path.parent / "config.json"
     tokenizer_config = path.parent / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    special = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    config = paths.read_json(config_file) if config_file.is_file() else {}
+    special = paths.read_json(tokenizer_config) if tokenizer_config.is_file() else {}
     for which in ("bos", "eos"):
         value = config.get(f"{which}_token_id")
         if isinstance(value, list):
@@ -403,6 +406,13 @@ class PackedBatches:
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got "
                              f"{shard_index!r}: use the host's index, e.g. jax.process_index()")
+        vocab = getattr(tokenizer, "vocab_size", None)
+        for name in ("bos_id", "eos_id"):  # sentencepiece says -1 for a token it lacks
+            token = getattr(tokenizer, name)
+            if token < 0 or (vocab is not None and token >= vocab):
+                raise ValueError(f"the tokenizer's {name} is {token}, not a token of its "
+                                 f"vocabulary [0, {vocab}): documents are framed as [bos] doc "
+                                 "[eos], so it needs both (train it with bos_id / eos_id set)")
         self._shard = range(shard_index, len(documents), shard_count)
         if not self._shard:
             raise ValueError(f"shard {shard_index} of {shard_count} is empty: there are only "

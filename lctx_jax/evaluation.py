@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from lctx_jax import losses
+from lctx_jax import losses, token_ids
 from lctx_jax.generate import generate
 from lctx_jax.model import Model
 
@@ -87,7 +87,7 @@ def sliding_window_nll(model: Model, documents: Sequence[np.ndarray], window: in
     if not isinstance(stride, (int, np.integer)) or not 1 <= stride <= window:
         raise ValueError(f"stride must be an int in [1, window={window}], got {stride!r}: a "
                          "stride above the window would leave tokens unscored")
-    documents = _as_documents(documents)
+    documents = _as_documents(documents, model.config.vocab_size)
     scored = [d for d in documents if len(d) >= 2]
     if not scored:
         raise ValueError("every document has fewer than 2 tokens: there is no target to score")
@@ -112,7 +112,7 @@ def truncate_nll(model: Model, documents: Sequence[np.ndarray], length: int,
     its length − 1 targets are scored; shorter documents are skipped."""
     _check_int("length", length, 2, "a window needs an input token and a target")
     _check_int("batch_size", batch_size, 1, "")
-    documents = _as_documents(documents)
+    documents = _as_documents(documents, model.config.vocab_size)
     kept = [d[:length] for d in documents if len(d) >= length]
     if not kept:
         longest = max(len(d) for d in documents)
@@ -146,16 +146,14 @@ def _check_int(name: str, value: Any, least: int, why: str) -> None:
                          + (f" ({why})" if why else ""))
 
 
-def _as_documents(documents: Sequence[np.ndarray]) -> list[np.ndarray]:
-    docs = [np.asarray(d) for d in documents]
-    if not docs:
+def _as_documents(documents: Sequence[np.ndarray], vocab_size: int) -> list[np.ndarray]:
+    """Each document as a 1-D int32 array of ids in the vocabulary (`token_ids.check`)."""
+    if not len(documents):
         raise ValueError("documents is empty: pass token-id arrays, e.g. from "
                          "tokenize_documents(texts, tokenizer)")
-    for i, doc in enumerate(docs):
-        if doc.ndim != 1 or not np.issubdtype(doc.dtype, np.integer):
-            raise ValueError(f"documents[{i}] must be a 1-D int array of token ids, got "
-                             f"{doc.dtype} of shape {doc.shape}")
-    return docs
+    return [np.asarray(token_ids.check(d, vocab_size, f"documents[{i}]", ndim=1,
+                                       allow_empty=True))
+            for i, d in enumerate(documents)]
 
 
 def _score_windows(model: Model, windows: Iterable[tuple[np.ndarray, int, int]], width: int,

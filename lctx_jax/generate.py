@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx_jax import models
+from lctx_jax import models, token_ids
 from lctx_jax.layers import Context
 from lctx_jax.model import Model
 
@@ -79,7 +79,7 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int = 32, *,
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng, a jax.random key")
     eos_ids, pad_id = _eos_and_pad(model, eos_token_id)
-    prompt, lengths = _left_padded(prompt_ids, prompt_lengths, pad_id)
+    prompt, lengths = _left_padded(prompt_ids, prompt_lengths, pad_id, model.config.vocab_size)
     if rng is None:
         rng = jax.random.key(0)  # unused by the greedy loop; keeps one signature
     return _generate(model.params, prompt, lengths, eos_ids, jnp.int32(pad_id),
@@ -106,26 +106,24 @@ def _eos_and_pad(model: Model, eos_token_id: int | Sequence[int] | None
     return jnp.asarray(eos, jnp.int32).reshape(-1), int(pad)
 
 
-def _left_padded(prompt_ids: Any, prompt_lengths: Any, pad_id: int
+def _left_padded(prompt_ids: Any, prompt_lengths: Any, pad_id: int, vocab_size: int
                  ) -> tuple[jax.Array, jax.Array]:
-    """(prompt int32 [B, P], lengths int32 [B]) from an array or a list of 1-D sequences."""
+    """(prompt int32 [B, P], lengths int32 [B]) from an array or a list of 1-D sequences,
+    every id (padding included) checked to be in the vocabulary."""
     if isinstance(prompt_ids, (list, tuple)):
         if prompt_lengths is not None:
             raise ValueError("prompt_lengths is for an array prompt; a list of sequences "
                              "gives its lengths itself")
-        rows = [np.asarray(row) for row in prompt_ids]
-        if not rows or any(row.ndim != 1 for row in rows):
-            raise ValueError("prompt_ids as a list must hold 1-D token sequences")
+        if not prompt_ids:
+            raise ValueError("prompt_ids is an empty list: give at least one prompt")
+        rows = [token_ids.check(row, vocab_size, f"prompt_ids[{b}]", ndim=1)
+                for b, row in enumerate(prompt_ids)]
         lengths = np.array([len(row) for row in rows], np.int32)
         prompt = np.full((len(rows), int(lengths.max())), pad_id, np.int32)
         for b, row in enumerate(rows):
             prompt[b, prompt.shape[1] - len(row):] = row
     else:
-        prompt = np.asarray(prompt_ids)
-        if prompt.ndim != 2:
-            raise ValueError(f"prompt_ids must be [B, P] or a list of sequences, got shape "
-                             f"{prompt.shape}")
-        prompt = prompt.astype(np.int32)
+        prompt = np.asarray(token_ids.check(prompt_ids, vocab_size, "prompt_ids"))
         lengths = (np.full(prompt.shape[0], prompt.shape[1], np.int32) if prompt_lengths is None
                    else np.asarray(prompt_lengths, np.int32).reshape(-1))
         if lengths.shape != (prompt.shape[0],):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lctx_jax import token_ids
 from lctx_jax.layers import head_logits
 from lctx_jax.model import Model, ModelSpec
 
@@ -162,9 +163,7 @@ def next_token_nll(model: Model | ModelSpec, input_ids: Any, params: Any = None,
             raise ValueError("next_token_nll(spec, ...) with a ModelSpec needs params=: a spec "
                              "holds no weights (a Model does)")
         params = model.params
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    input_ids = jnp.asarray(token_ids.check(input_ids, model.config.vocab_size))
     targets, weights = shifted_targets(input_ids, loss_mask, segment_ids)
     hidden = model.hidden(params, input_ids, positions, segment_ids)
     total, count = nll_sum(hidden, model.head(params), targets, weights,

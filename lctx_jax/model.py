@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx_jax import layers, models, sharding
+from lctx_jax import layers, models, sharding, token_ids
 from lctx_jax.lora import LoraConfig
 from lctx_jax.models.llama import ModelConfig  # noqa: F401  (lx.ModelConfig)
 from lctx_jax.rope import RopeArrays
@@ -112,8 +112,12 @@ class ModelSpec:
 
     def apply(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
               segment_ids: jax.Array | None = None, rope: RopeArrays | None = None,
-              adapters: Any = None) -> jax.Array:
+              adapters: Any = None, check_ids: bool = False) -> jax.Array:
         """Pure forward: logits f32 [B, T, vocab].
+
+        input_ids are not checked (an id outside [0, vocab_size) reads NaN or another row;
+        `Model.__call__` checks them on the host): check_ids=True adds a `checkify` check
+        (`lctx_jax.token_ids.assert_in_vocab`; run under `jax.experimental.checkify`).
 
         `rope`, a RopeArrays (`lctx_jax.rope.longrope_arrays`), replaces config.rope in every
         layer; as a traced argument it lets one compiled forward try many rotations (the
@@ -126,18 +130,22 @@ class ModelSpec:
         step their gradients come out split the same way (FSDP / tensor) even without
         out_shardings, instead of being gathered whole on every device.
         """
-        return self._run(params, input_ids, positions, segment_ids, rope, adapters, True)
+        return self._run(params, input_ids, positions, segment_ids, rope, adapters, True,
+                         check_ids)
 
     def hidden(self, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, rope: RopeArrays | None = None,
-               adapters: Any = None) -> jax.Array:
+               adapters: Any = None, check_ids: bool = False) -> jax.Array:
         """As `apply`, but the final-normed hidden states [B, T, H] before the LM head
         (`head(params)`): what `lctx_jax.losses` consumes."""
-        return self._run(params, input_ids, positions, segment_ids, rope, adapters, False)
+        return self._run(params, input_ids, positions, segment_ids, rope, adapters, False,
+                         check_ids)
 
     def _run(self, params: Any, input_ids: jax.Array, positions: jax.Array | None,
              segment_ids: jax.Array | None, rope: RopeArrays | None, adapters: Any,
-             logits: bool) -> jax.Array:
+             logits: bool, check_ids: bool) -> jax.Array:
+        if check_ids:
+            token_ids.assert_in_vocab(input_ids, self.config.vocab_size)
         if rope is not None:
             if self.config.rope is None:
                 raise ValueError(f"rope arrays were passed, but a {self.config.model_type} "
@@ -240,9 +248,9 @@ class Model:
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
+        input_ids = token_ids.check(input_ids, self.config.vocab_size)
         if self.mesh is None:
-            return self._forward(self.params, jnp.asarray(input_ids, jnp.int32), positions,
-                                 segment_ids)
+            return self._forward(self.params, jnp.asarray(input_ids), positions, segment_ids)
         # On a mesh: one jit per input shape with explicit in_shardings (params by the rules,
         # [B, T] inputs by the activation spec) and out_shardings (logits split over batch and
         # sequence). Inputs are placed first: host arrays go shard by shard, device arrays are
@@ -250,8 +258,6 @@ class Model:
         args = [None if x is None else x.astype(jnp.int32) if isinstance(x, jax.Array)
                 else np.asarray(x, np.int32) for x in (input_ids, positions, segment_ids)]
         shape = args[0].shape
-        if len(shape) != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {shape}")
         specs = [None if x is None else sharding.activation_sharding(self.mesh, x.shape)
                  for x in args]
         key = tuple(None if x is None else x.shape for x in args)
