@@ -1,12 +1,21 @@
 """Orbax checkpoints of a Model: `save(model, dir)` and `load(dir, mesh=None)`, on local disks
 or object stores (gs://), from one process or from every process of a multi-host run.
 
-A checkpoint directory holds params/ (Orbax) and config.json (the HF config plus an "lctx_jax"
-entry with the parameter dtype). params/ is written by Orbax with its own commit protocol (a
-temporary directory renamed when complete on a local disk, a commit marker on GCS), every
-process writing its own shards into that one directory; config.json is written after it, by
-process 0, so a directory with config.json is complete. A directory without it is a save that
-was interrupted: `load` says so, and `save` replaces it.
+A checkpoint directory holds params/ (Orbax), checksums.json (the manifest) and config.json
+(the HF config plus an "lctx_jax" entry with the parameter dtype and the manifest's name).
+params/ is written by Orbax with its own commit protocol (a temporary directory renamed when
+complete on a local disk, a commit marker on GCS), every process writing its own shards into
+that one directory; checksums.json, then config.json, are written after it, by process 0, so a
+directory with config.json is complete. A directory without it is a save that was interrupted:
+`load` says so, and `save` replaces it.
+
+The manifest holds a checksum of every parameter array (`lctx_jax.checksums`: computed on
+device, the same whatever the mesh or the number of hosts), taken from the arrays `save` was
+given. `load` recomputes them on the restored arrays and raises ValueError naming the arrays
+that differ (a flipped bit or a damaged file in params/, which Orbax itself loads without
+complaint), unless verify=False; so what is checked is the whole round trip: file bytes,
+decoding and placement. A checkpoint written before manifests existed (no "checksums" entry in
+config.json) loads unverified.
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from lctx_jax import models, paths
+from lctx_jax import checksums, models, paths
 from lctx_jax.model import Model, ModelSpec
 
 FORMAT = "lctx_jax.checkpoint/1"
+MANIFEST = "checksums.json"  # {"algorithm": ..., "arrays": {path: checksum}}
 
 
 def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
@@ -37,10 +47,14 @@ def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
     _barrier("lctx_jax.save: cleared")  # every process, whatever it saw
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "params", model.params)
+    sums = checksums.checksums(model.params)  # on device, while Orbax writes
     checkpointer.wait_until_finished()
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # the manifest first: config.json, written last, marks done
+        manifest = {"algorithm": checksums.ALGORITHM, "arrays": sums}
+        paths.write_atomically(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         config = {**model.config.to_hf(),
-                  "lctx_jax": {"format": FORMAT, "param_dtype": str(model.param_dtype)}}
+                  "lctx_jax": {"format": FORMAT, "param_dtype": str(model.param_dtype),
+                               "checksums": MANIFEST}}
         paths.write_atomically(path / "config.json", json.dumps(config, indent=2) + "\n")
     _barrier("lctx_jax.save: done")
 
@@ -62,10 +76,17 @@ def abstract_params(config: Any, param_dtype: Any, mesh: Any) -> Any:
 
 
 def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32,
-         attention: str = "xla", remat: str = "none") -> Model:
+         attention: str = "xla", remat: str = "none", verify: bool = True,
+         check_finite: bool = True) -> Model:
     """Restores a Model saved by `save`; with a mesh, every parameter is restored straight into
     its sharding by the rules (`lctx_jax.sharding.param_shardings`): each device reads only
-    its own shard, whatever the mesh the checkpoint was saved from."""
+    its own shard, whatever the mesh the checkpoint was saved from.
+
+    verify: check every restored array against the checkpoint's manifest (one pass over the
+    parameters on device) and raise ValueError naming any that differ; False skips it (for
+    speed). Checkpoints saved before manifests existed load unverified.
+    check_finite: a parameter holding NaN or inf is a ValueError naming it (False: load it
+    anyway)."""
     path = paths.as_path(ckpt_dir)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -77,15 +98,64 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     if not params_dir.exists():
         raise ValueError(f"{path} is not an lctx_jax checkpoint: it needs config.json and "
                          "params/ (written by lctx_jax.save)")
-    hf = json.loads(config_file.read_text())
+    hf = paths.read_json(config_file)
     meta = hf.pop("lctx_jax", {})
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
     config = models.config_from_hf(hf)
+    expected = _manifest(path, meta) if verify else None
     target = abstract_params(config, jnp.dtype(meta["param_dtype"]), mesh)
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as err:  # orbax raises many types for damaged files
         raise ValueError(f"cannot restore the parameters in {params_dir} ({err}); the "
-                         "checkpoint is damaged or was written for another config") from err
+                         "checkpoint is damaged or was written for another config: restore it "
+                         "from another copy, or re-save the model") from err
+    if expected is not None:
+        checksums.verify(params, expected, f"the checkpoint {path}",
+                         advice="its files changed after the save (disk, transfer or copy "
+                                "corruption); restore the directory from another copy, or "
+                                "re-save the model (lctx_jax.save)")
+    if check_finite:
+        _check_finite(params, path)
     return Model(config, params, dtype=dtype, attention=attention, remat=remat, mesh=mesh)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])
+
+
+def _check_finite(params: Any, path: Any) -> None:
+    """ValueError naming the first parameter that holds NaN or inf."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    finite = jax.device_get(_all_finite([leaf for _, leaf in flat]))
+    for (leaf_path, _), ok in zip(flat, finite):
+        if not ok:
+            name = jax.tree_util.keystr(leaf_path, simple=True, separator="/")
+            raise ValueError(f"the checkpoint {path} holds NaN or inf in {name}: the model was "
+                             "saved after training diverged; use an earlier checkpoint, or "
+                             "load(..., check_finite=False) to inspect it")
+
+
+def _manifest(path: Any, meta: dict) -> dict[str, str] | None:
+    """The checksums `save` recorded, or None for a checkpoint saved before manifests."""
+    if "checksums" not in meta:
+        return None
+    manifest_file = path / meta["checksums"]
+    if not manifest_file.exists():
+        raise ValueError(f"{path} is incomplete: config.json names the manifest "
+                         f"{meta['checksums']} but it is missing; restore the directory from "
+                         "another copy, or re-save the model (load(..., verify=False) skips "
+                         "the check)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        algorithm, arrays = manifest["algorithm"], manifest["arrays"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest_file} is damaged ({err!r}); restore the directory from "
+                         "another copy, or re-save the model") from err
+    if algorithm != checksums.ALGORITHM:
+        raise ValueError(f"{manifest_file} uses checksum algorithm {algorithm!r}; this "
+                         f"lctx_jax verifies {checksums.ALGORITHM!r} (load(..., verify=False) "
+                         "skips the check)")
+    return arrays
