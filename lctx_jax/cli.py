@@ -1,17 +1,23 @@
 """The command line shared by train.py and eval.py: `--config FILE [--config.FIELD=VALUE ...]`
-(ml_collections config files, the Flax-examples convention); config errors are one line on
-stderr and exit status 2, not a traceback."""
+(ml_collections config files, the Flax-examples convention). Config errors, a bad or unknown
+--config.FIELD=VALUE on the command line included, are one line on stderr and exit status 2,
+not a traceback; so is a run that diverged (`lctx_jax.training.TrainingDiverged`), with exit
+status 1."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
-from typing import Any, Callable
+import traceback
+from typing import Any, Callable, NoReturn
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lctx_jax.train_config import ConfigError
+from lctx_jax.training import TrainingDiverged
 
 
 def main(run: Callable[[Any], Any], program: str,
@@ -40,8 +46,60 @@ def main(run: Callable[[Any], Any], program: str,
                 return 0 if all(report.fits for report in reports) else 1
             run(config.value)
         except ConfigError as err:
-            print(f"{program}: config error: {err}", file=sys.stderr)
-            return 2
+            _fail(program, "config error", err, 2)
+        except TrainingDiverged as err:
+            _fail(program, "training diverged", err, 1)
         return 0
 
-    app.run(entry)
+    app.run(entry, flags_parser=lambda argv: _parse_flags(argv, program))
+
+
+def _parse_flags(argv: list[str], program: str) -> list[str]:
+    """absl's flag parsing with its errors as one line and exit status 2: a value that does not
+    parse (--config.log_every=abc), and a --config.FIELD the config lacks (--config.nonexistent=3,
+    --config.stages[0].sq_len=5: ml_collections raises these while applying the overrides)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        _fail(program, "config error" if "--config" in str(err) else "error", err, 2)
+    except (AttributeError, KeyError, IndexError, ValueError, TypeError) as err:
+        message = _override_error(err, argv)
+        if message is None:  # not from the overrides (e.g. a bug in the config file): traceback
+            raise
+        _fail(program, "config error", message, 2)
+
+
+def _override_error(err: BaseException, argv: list[str]) -> str | None:
+    """What went wrong applying the --config.FIELD=VALUE overrides, naming the field; None when
+    `err` was not raised resolving them (in ml_collections' config_path)."""
+    if not any(frame.filename.endswith(os.path.join("config_flags", "config_path.py"))
+               for frame in traceback.extract_tb(err.__traceback__)):
+        return None
+    cause: BaseException = err  # ml_collections raises AttributeError(KeyError(message))
+    while cause.args and isinstance(cause.args[0], BaseException):
+        cause = cause.args[0]
+    text = str(cause.args[0]) if cause.args else type(cause).__name__
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+    quoted = re.search(r"'([^']*)'", text)
+    named = [arg for arg in overrides if quoted and (
+        quoted.group(1) == arg[len("--config."):]
+        or quoted.group(1) in re.split(r"[.\[\]]", arg[len("--config."):]))]
+    if isinstance(cause, IndexError):
+        named = [arg for arg in overrides if "[" in arg]
+    fields = ", ".join(named or overrides)
+    if isinstance(cause, (KeyError, AttributeError)):
+        return f"{fields}: the config has no field {text}"
+    if isinstance(cause, IndexError):
+        return f"{fields}: {text} (list items are numbered from 0)"
+    if text.startswith("Could not parse"):
+        return (f"{fields}: cannot parse the field path; a list's items are written FIELD[i], "
+                "e.g. --config.stages[0].seq_len=64")
+    return f"{fields}: {text}"
+
+
+def _fail(program: str, kind: str, err: Any, status: int) -> NoReturn:
+    """`program: kind: message` as one line on stderr, and exit with `status`."""
+    message = " ".join(line.strip() for line in str(err).splitlines())
+    print(f"{program}: {kind}: {message}", file=sys.stderr)
+    sys.exit(status)

@@ -85,17 +85,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
     if len(rest) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {rest}; give the others sizes")
     given = math.prod(size for size in sizes.values() if size != -1)
-    described = " × ".join(f"{name}={size}" for name, size in sizes.items() if size != -1)
+    set_sizes = {name: size for name, size in sizes.items() if size != -1}
+    factors = [f"{name}={size}" for name, size in set_sizes.items()
+               if size != 1 or set(set_sizes.values()) == {1}]  # the sizes that matter
+    described = " × ".join(factors) + (f" = {given}" if len(factors) > 1 else "")
+    counted = f"{n} device" + ("s" if n != 1 else "")
     if rest:
         if n % given:
-            raise ValueError(f"{described} = {given} does not divide the {n} devices, so "
-                             f"{rest[0]}=-1 has no size; choose sizes whose product divides "
-                             f"{n}, or pass devices= a subset of {given}·k devices")
+            raise ValueError(f"{described} does not divide the {counted}, so {rest[0]}=-1 "
+                             f"has no size; choose sizes whose product divides {n}, or pass "
+                             f"devices= a subset of {given}·k devices")
         sizes[rest[0]] = n // given
     elif given != n:
-        raise ValueError(f"{described} = {given}, but there are {n} devices; make the product "
-                         f"equal {n}, set one axis to -1 to take the remaining devices, or pass "
-                         f"devices= a list of {given} devices")
+        raise ValueError(f"{described}, but there are {counted}; make the product equal {n}, "
+                         "set one axis to -1 to take the remaining devices, or pass devices= a "
+                         f"list of {given} devices")
     shape = tuple(sizes[a] for a in AXES)
     try:
         from jax.experimental import mesh_utils

@@ -26,10 +26,14 @@ Fields (see `default_config` for defaults):
   dtype, param_dtype compute dtype (bf16 on accelerators) and master-weight dtype (f32)
   remat              "none" | "full" | "dots" activation checkpointing per layer
   mesh               data / fsdp / tensor / sequence axis sizes (-1: the rest), num_devices
-                     (0: all); a 1-device mesh runs without one
+                     (0: all); sizes the devices cannot hold are an error; a 1-device mesh
+                     (or num_devices=1, whatever the sizes) runs without one
   optimizer          AdamW b1, b2, eps, weight_decay (kernels and embeddings only), grad_clip
                      (global norm; 0 = off), min_lr_ratio (floor of linear / cosine decay)
   lora               rank (0 = full fine-tuning), alpha, targets, trainable (LongLoRA's LoRA+)
+  nonfinite          "stop" (default): a NaN / inf loss or gradient norm stops the run with an
+                     error, before any checkpoint of it is written; "skip": such a step leaves
+                     the train state unchanged and is counted (`lctx_jax.training`)
   stages             list of `stage(...)`: run in order, each starting from the previous
                      stage's weights (LoRA merged), with its own length, RoPE scaling,
                      attention, batch, steps and learning-rate schedule
@@ -39,7 +43,6 @@ Fields (see `default_config` for defaults):
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -55,12 +58,18 @@ from lctx_jax.layers import REMAT_POLICIES
 
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE = ("stop", "skip")
 STAGE_FIELDS = ("name", "seq_len", "batch_size", "steps", "lr", "warmup_steps", "schedule",
                 "rope_scaling", "attention", "grad_accum", "min_doc_tokens")
 
 
 class ConfigError(ValueError):
     """A config field with a bad value; the message names the field and the fix."""
+
+
+class InputNotFound(ConfigError, FileNotFoundError):
+    """A config field naming a file, directory or dataset that does not exist: a ConfigError
+    (one line from train.py), and a FileNotFoundError for callers that catch that."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -82,11 +91,13 @@ def default_config() -> ml_collections.ConfigDict:
                                             num_devices=0))
     c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                                                  grad_clip=1.0, min_lr_ratio=0.0))
+    c.nonfinite = "stop"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o"),
                                             trainable=("embed", "norm")))
     c.stages = []
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
+    c.verify_checkpoints = True  # checksum the train state in each checkpoint, check on resume
     c.log_every = 10
     c.eval_batches = 4
     c.export_hf = True
@@ -147,7 +158,10 @@ def rope_scaling_dict(value: Any, field: str) -> dict[str, Any] | None:
         if not path.is_file():
             raise ConfigError(f"{field}: {value!r} is not a JSON file; give a rope_scaling dict "
                               "or the path of a JSON file holding one")
-        return json.loads(path.read_text())
+        try:
+            return paths.read_json(path)
+        except ValueError as err:
+            raise ConfigError(f"{field}: {err}") from None
     raise ConfigError(f"{field}: expected None, a dict or a JSON file path, got {value!r}")
 
 
@@ -173,7 +187,10 @@ def _source_hf_config(config: ml_collections.ConfigDict, published: bool) -> dic
                               "checkpoint dir (config.json + *.safetensors) or an lctx_jax "
                               "checkpoint dir, or \"\" to train from scratch with config.model"
                               + known)
-        hf = json.loads(path.read_text())
+        try:
+            hf = paths.read_json(path)
+        except ValueError as err:
+            raise ConfigError(f"config.init_from: {err}") from None
         hf.pop("lctx_jax", None)
         return hf
     if not config.model:
@@ -199,6 +216,8 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
     for field in ("checkpoint_every", "keep_checkpoints", "log_every"):
         if config[field] < 1:
             raise ConfigError(f"config.{field}={config[field]} must be >= 1")
+    if config.nonfinite not in NONFINITE:
+        raise ConfigError(f"config.nonfinite={config.nonfinite!r}; use one of {NONFINITE}")
     if config.eval_batches < 0:
         raise ConfigError(f"config.eval_batches={config.eval_batches} must be >= 0")
     if config.lora.rank < 0:
@@ -303,6 +322,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields a resumed run must share with the run that wrote its checkpoints."""
     keep = ("seed", "init_from", "model", "tokenizer", "data", "dtype", "param_dtype", "lora",
             "optimizer", "stages")
+    # Not config.nonfinite: a "stop" run's checkpoints hold finite steps only, which "skip"
+    # computes alike, so a diverged run can resume with --config.nonfinite=skip.
     out = {key: plain(config[key]) for key in keep}
     if config.hf_overrides:  # only when set: runs without it keep their fingerprint
         out["hf_overrides"] = plain(config.hf_overrides)

@@ -12,14 +12,32 @@ next-token cross-entropy averaged over the global batch's scored tokens with the
 chunks (`lctx_jax.losses`), gradient accumulation as a `lax.scan` over micro-batches,
 gradients only for the trainable weights (LoRA+ adapters inside the layers, or everything),
 AdamW with warmup and constant / linear / cosine decay, global-norm clipping; the state is
-donated. The loop never waits on the device except every `log_every` steps, when it reads the
-losses accumulated since the last log.
+donated. The loop never waits on the device except every `log_every` steps and before each
+checkpoint, when it reads the losses accumulated since the last read.
+
+Non-finite values (config.nonfinite): with "stop" (the default), a NaN / inf loss or gradient
+norm found at such a read raises `TrainingDiverged` naming the stage and the first non-finite
+step, before the next checkpoint is saved; so is a train state that holds NaN / inf at a
+checkpoint (checked before saving it). No checkpoint, models/<stage> or hf/ export of such a
+state is written: the last finite checkpoint stays the latest (train.py: one line on stderr,
+exit status 1). With "skip", the step itself selects the old state when its loss or gradient
+norm is non-finite (in the jit, no host sync): the weights, optimizer moments and schedule
+position stay as they were, the batch is consumed, and metrics.jsonl marks the step
+"skipped": 1; the stage's summary line counts them.
+
+Inputs are checked before the run directory is claimed: the config, the mesh, the tokenizer
+and the data (the training split, and the eval split when eval_batches > 0, opened once and
+used for the run), so a bad one fails without writing anything.
 
 run_dir layout:
-    config.json           the resolved config (a resumed run must match it)
+    config.json           the resolved config: a resumed run must match it, unless the earlier
+                          run wrote no checkpoint and no models/<stage> (e.g. it failed at
+                          once), when the new config replaces it
     checkpoints/<step>/   Orbax CheckpointManager (every `checkpoint_every` steps and at each
                           stage's end, the last `keep_checkpoints` kept): train state + the data
-                          iterator position + stage and step, committed by Orbax (temporary
+                          iterator position + stage and step + the state's checksums
+                          (`lctx_jax.checksums`, verified on resume unless
+                          config.verify_checkpoints is False), committed by Orbax (temporary
                           directory renamed locally, commit marker on GCS) with every process
                           writing its shards, so a kill at any moment, mid-save too, leaves the
                           previous checkpoint intact; a rerun of the same command resumes from it
@@ -28,7 +46,8 @@ run_dir layout:
                           (`lctx_jax.load`), the next stage's starting point
     hf/<stage>/           the last stage exported for transformers (`export_hf`), with the
                           tokenizer
-    metrics.jsonl         one line per step: loss, grad_norm, lr; per stage end: eval loss
+    metrics.jsonl         one line per step: loss, grad_norm, lr (and skipped, with
+                          nonfinite="skip"); per stage end: eval loss
                           (process 0, rewritten whole at each log: object stores cannot append)
     tensorboard/          the same as tensorboard scalars
 """
@@ -41,7 +60,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +73,21 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, models, paths, sharding
+from lctx_jax import checksums
 from lctx_jax.model import Model, ModelSpec
-from lctx_jax.train_config import (ConfigError, base_hf_config, fingerprint, lora_config, plain,
-                                   rope_scaling_dict, tokenizer_path, validate)
+from lctx_jax.train_config import (ConfigError, InputNotFound, base_hf_config, fingerprint,
+                                   lora_config, plain, rope_scaling_dict, tokenizer_path,
+                                   validate)
 
 # Dense bf16 peak per chip, TFLOP/s (vendor figures), matched against jax's device_kind.
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0,
                "H200": 989.0, "A100": 312.0}
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN / inf loss, gradient norm or train state stopped the run (config.nonfinite="stop");
+    the message names the stage, the step and what to try. Nothing of it was saved."""
 
 
 # ----------------------------------------------------------------------------- math
@@ -130,19 +156,25 @@ def peak_flops(override_tflops: float) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Step:
     """The compiled functions of one stage. state = {"step", "trainable", "lora", "opt_state"};
-    frozen: the weights not trained (not donated, never updated)."""
+    frozen: the weights not trained (not donated, never updated). finite(state): whether every
+    float in the state is finite (a scalar bool array)."""
 
     train: Callable[[Any, Any, Any], tuple[Any, dict]]
     eval: Callable[[Any, Any, Any], tuple[jax.Array, jax.Array]]
     init_state: Callable[[Any, Any], Any]
+    finite: Callable[[Any], jax.Array]
 
 
 def make_step(model: ModelSpec, eval_model: ModelSpec, tx: optax.GradientTransformation,
-              schedule: optax.Schedule, state_shardings: Any = None) -> Step:
+              schedule: optax.Schedule, state_shardings: Any = None,
+              nonfinite: str = "stop") -> Step:
     """batch: dict of [A, B/A, T] arrays (A micro-batches): input_ids, targets, positions,
     segment_ids, loss_mask. The loss is the mean over every scored token of all A micro-batches
     (sums accumulated, divided once), so A only trades memory for time. With `model.lora`, the
-    state's "lora" adapters are applied inside the layers (`ModelSpec.apply(..., adapters=)`)."""
+    state's "lora" adapters are applied inside the layers (`ModelSpec.apply(..., adapters=)`).
+    nonfinite="skip": a step whose loss or gradient norm is NaN / inf returns the state it was
+    given (step counter included) and metrics["skipped"] = 1 (else 0); "stop": the update is
+    applied whatever it is (the loop checks the metrics)."""
 
     def batch_nll(model: ModelSpec, weights: tuple, frozen: Any, batch: dict
                   ) -> tuple[jax.Array, jax.Array]:
@@ -177,6 +209,10 @@ def make_step(model: ModelSpec, eval_model: ModelSpec, tx: optax.GradientTransfo
                    "lr": schedule(state["step"])}
         new = {"step": state["step"] + 1, "trainable": trainable, "lora": lora_params,
                "opt_state": opt_state}
+        if nonfinite == "skip":  # a select in the jit: no host sync, the state stays donated
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+            metrics["skipped"] = jnp.logical_not(ok).astype(jnp.int32)
         return new, metrics
 
     def evaluate(state: dict, frozen: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -186,11 +222,17 @@ def make_step(model: ModelSpec, eval_model: ModelSpec, tx: optax.GradientTransfo
         return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "lora": lora_params,
                 "opt_state": tx.init((trainable, lora_params))}
 
+    def finite(state: dict) -> jax.Array:
+        checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(state)
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.stack(checks).all() if checks else jnp.asarray(True)
+
     out = (state_shardings, None) if state_shardings is not None else None
     return Step(train=jax.jit(train, donate_argnums=(0,), out_shardings=out),
                 eval=jax.jit(evaluate),
                 init_state=jax.jit(init_state, donate_argnums=(0, 1),
-                                   out_shardings=state_shardings))
+                                   out_shardings=state_shardings),
+                finite=jax.jit(finite))
 
 
 # ----------------------------------------------------------------------------- run
@@ -206,10 +248,13 @@ class StageResult:
     mfu: float | None
     seconds: float
     model_dir: str
+    skipped: int | None = None  # steps skipped for a non-finite loss (nonfinite="skip")
 
 
 def run(config: ml_collections.ConfigDict) -> list[StageResult]:
-    """Trains every stage of `config` (resuming from run_dir if it holds checkpoints)."""
+    """Trains every stage of `config` (resuming from run_dir if it holds checkpoints). Raises
+    ConfigError for a bad config or input (before run_dir is claimed), TrainingDiverged when
+    the loss goes non-finite under nonfinite="stop"."""
     validate(config)
     if config.distributed:
         try:
@@ -220,7 +265,14 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
         _say(f"jax.distributed: {jax.process_count()} processes, {jax.device_count()} devices "
              f"({jax.local_device_count()} per process)")
     run_dir = paths.as_path(config.run_dir)
-    tokenizer = _tokenizer(config)
+    config_mesh(config)  # sizes the devices cannot hold fail here, before the claim
+    sizes = {axis: config.mesh[axis] for axis in sharding.AXES}
+    if config.mesh.num_devices == 1 and set(sizes.values()) - {1, -1}:
+        _say(f"config.mesh.num_devices=1: one device, no mesh (the sizes {sizes} are not used)")
+    remaining = [s for s in config.stages
+                 if not checkpoint.is_complete(run_dir / "models" / s.name)]
+    sources = _open_data(config) if remaining else {}
+    tokenizer = _tokenizer(config, sources)
     base_hf = base_hf_config(config)
     if tokenizer.vocab_size > base_hf["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
@@ -242,7 +294,7 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
                 _say(f"stage {stage.name}: done earlier, weights at {model_dir}")
             else:
                 results.append(_train_stage(config, index, offset, previous, base_hf, tokenizer,
-                                            manager, logger, run_dir))
+                                            sources, manager, logger, run_dir))
             previous = model_dir
             offset += stage.steps
         manager.wait_until_finished()
@@ -268,51 +320,110 @@ def _cluster_from_environment() -> dict[str, int]:
 
 
 def _claim_run_dir(run_dir: epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Writes run_dir/config.json, or checks that a resumed run's config matches it."""
+    """Writes run_dir/config.json, or checks that a resumed run's config matches it. A run that
+    wrote no checkpoint and no stage weights has nothing to resume: a new config replaces it."""
     saved = run_dir / "config.json"
     current = fingerprint(config)
     if saved.exists():
         before = json.loads(saved.read_text())["fingerprint"]
         changed = sorted(key for key in current if before.get(key) != json.loads(
             json.dumps(current[key])))
-        if changed:
+        if not changed:
+            return
+        if _wrote_something(run_dir):
             raise ConfigError(
                 f"{run_dir} holds a run with a different config (fields {changed} differ); "
                 "resume with the same config, or choose a new config.run_dir")
-        return
+        _say(f"{run_dir}: the run there wrote no checkpoint; this config (fields {changed} "
+             "differ) replaces its config.json")
     if jax.process_index() == 0:
         paths.write_atomically(saved, json.dumps({"fingerprint": current,
                                                   "config": plain(config)}, indent=2))
 
 
-def _tokenizer(config: ml_collections.ConfigDict) -> data.Tokenizer:
+def _wrote_something(run_dir: epath.Path) -> bool:
+    """Whether run_dir holds a committed checkpoint step or a finished stage's weights."""
+    steps = run_dir / "checkpoints"
+    if steps.is_dir() and ocp.utils.checkpoint_steps(steps):
+        return True
+    models_dir = run_dir / "models"
+    return models_dir.is_dir() and any(checkpoint.is_complete(p) for p in models_dir.iterdir())
+
+
+def _tokenizer(config: ml_collections.ConfigDict, sources: dict[str, Sequence[str]]
+               ) -> data.Tokenizer:
+    """The tokenizer (trained on the training split and cached when config.tokenizer does not
+    exist and tokenizer_vocab_size > 0); a missing or unreadable one is a ConfigError naming
+    the field."""
     path = tokenizer_path(config)
-    if path.exists() or not config.tokenizer_vocab_size:
-        return data.load_tokenizer(path)
-    _say(f"training a {config.tokenizer_vocab_size}-token sentencepiece tokenizer on "
-          f"{config.data.dataset}/{config.data.split} -> {path}")
-    return data.cached_tokenizer(path, lambda: _documents(config, config.data.split),
-                                 config.tokenizer_vocab_size)
+    field = "config.tokenizer" if config.tokenizer else "config.init_from (its tokenizer)"
+    try:
+        if path.exists() or not config.tokenizer_vocab_size:
+            return data.load_tokenizer(path)
+        _say(f"training a {config.tokenizer_vocab_size}-token sentencepiece tokenizer on "
+             f"{config.data.dataset}/{config.data.split} -> {path}")
+        return data.cached_tokenizer(
+            path, lambda: (sources or _open_data(config))[config.data.split],
+            config.tokenizer_vocab_size)
+    except ConfigError:
+        raise
+    except FileNotFoundError as err:
+        raise InputNotFound(f"{field}: {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"{field}: {err}") from err
 
 
-def _documents(config: ml_collections.ConfigDict, split: str) -> Any:
-    return data.text_source(config.data.dataset, split, config.data.data_dir or None,
-                            config.data.text_key)
+def _open_data(config: ml_collections.ConfigDict) -> dict[str, Sequence[str]]:
+    """{split: its documents} of the training split and, when eval_batches > 0, the eval split:
+    opened here (nothing is read yet) so that a missing dataset, split or text_key is a
+    ConfigError naming config.data before the run directory is claimed; the run then reads
+    these same sources."""
+    d = config.data
+    splits = dict.fromkeys([d.split] + ([d.eval_split] if config.eval_batches else []))
+    out = {}
+    for split in splits:
+        where = (f"config.data (dataset={d.dataset!r}, split={split!r}, "
+                 f"data_dir={d.data_dir!r})")
+        try:
+            documents = data.text_source(d.dataset, split, d.data_dir or None, d.text_key)
+        except FileNotFoundError as err:
+            raise InputNotFound(f"{where}: {err}") from err
+        except (KeyError, ValueError) as err:  # text_key, split, unknown TFDS name
+            message = str(err.args[0] if err.args else err).splitlines()[0]
+            raise ConfigError(f"{where}: {message}") from err
+        if not len(documents):
+            raise ConfigError(f"{where}: the split holds no documents")
+        out[split] = documents
+    return out
 
 
 def config_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Any:
     """The mesh config.mesh describes over `devices` (default: every device; the first
-    num_devices when set), or None when it would hold a single device."""
+    num_devices when set), or None when it holds a single device. Sizes the devices cannot
+    hold (e.g. fsdp=3 on one device, or on 8) are a ConfigError naming the device count, never
+    a silently smaller mesh; only num_devices=1, asking for one device, runs without a mesh
+    whatever the sizes (`run` says so)."""
     m = config.mesh
-    devices = jax.devices() if devices is None else devices
-    if m.num_devices:
-        devices = devices[:m.num_devices]
-    if len(devices) == 1:
+    devices = list(jax.devices() if devices is None else devices)
+    available, count = len(devices), m.num_devices
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ConfigError(f"config.mesh.num_devices={count!r} must be an int >= 0 (0: all "
+                          f"{available} devices)")
+    if count > available:
+        raise ConfigError(f"config.mesh.num_devices={count}, but there are only {available} "
+                          "devices")
+    if count == 1:  # one device asked for explicitly (e.g. a pod recipe debugged on one chip)
         return None
+    if count:
+        devices = devices[:count]
     try:
-        return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence, devices=devices)
     except ValueError as err:
-        raise ConfigError(f"config.mesh: {err}") from err
+        chosen = (f"the first {count} of the {available} devices" if count
+                  else f"all {available} devices")
+        raise ConfigError(f"config.mesh: {err} (config.mesh.num_devices={count}: {chosen}; "
+                          "num_devices=N takes the first N)") from err
+    return None if mesh.devices.size == 1 else mesh
 
 
 def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
@@ -386,7 +497,8 @@ def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Any,
                                   trainable, _lora_shapes(shapes, lora))
         state_shardings = model.shardings_of(abstract)
     return StagePlan(model, eval_model, mask, tx, schedule,
-                     make_step(model, eval_model, tx, schedule, state_shardings),
+                     make_step(model, eval_model, tx, schedule, state_shardings,
+                               config.nonfinite),
                      state_shardings, _batch_sharding(mesh, stage))
 
 
@@ -398,8 +510,8 @@ def _lora_shapes(param_shapes: Any, lora: lora_lib.LoraConfig | None) -> Any:
 
 def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                  previous: epath.Path | None, base_hf: dict, tokenizer: data.Tokenizer,
-                 manager: ocp.CheckpointManager, logger: "_Logger", run_dir: epath.Path
-                 ) -> StageResult:
+                 sources: dict[str, Sequence[str]], manager: ocp.CheckpointManager,
+                 logger: "_Logger", run_dir: epath.Path) -> StageResult:
     stage = config.stages[index]
     started = time.perf_counter()
     mesh = config_mesh(config)
@@ -407,8 +519,8 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     shapes = checkpoint.abstract_params(model_config, jnp.dtype(config.param_dtype), mesh)
     plan = plan_stage(config, index, model_config, shapes, mesh)
     step_fns, lora = plan.step, plan.lora
-    feed = _Feed(config, stage, stage.grad_accum, plan.batch_sharding, tokenizer,
-                 config.data.split, config.seed + index)  # before the weights: fails early
+    feed = _Feed(stage, stage.grad_accum, plan.batch_sharding, tokenizer,
+                 sources[config.data.split], config.seed + index)  # before the weights
     batches = feed.batches
     start = _start_model(config, previous, model_config, mesh)
     trainable, frozen = lora_lib.split(start.params, plan.mask)
@@ -424,12 +536,26 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     if latest is not None and latest > offset:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        step_dir = manager.directory / str(latest)
+        fix = (f"delete {step_dir} to resume from the checkpoint before it (or from the "
+               "stage's start if there is none)")
+        try:
+            restored = manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax raises many types for damaged files
+            raise ConfigError(f"cannot restore the checkpoint {step_dir} ({err}); if it is "
+                              f"damaged, {fix}") from err
         meta = restored["meta"]
         if meta["stage"] != stage.name:
             raise ConfigError(f"the latest checkpoint (step {latest}) belongs to stage "
                               f"{meta['stage']!r}, not {stage.name!r}; the stages changed")
+        if config.verify_checkpoints and "checksums" in meta:  # absent: written before them
+            try:
+                checksums.verify(restored["state"], meta["checksums"], f"the checkpoint "
+                                 f"{step_dir}", advice=f"{fix}; config.verify_checkpoints="
+                                 "False skips this check")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         state, done = restored["state"], meta["step"]
         batches.set_state(feed.restored_state(meta["data"]))
         _say(f"stage {stage.name}: resumed at step {done}/{stage.steps} from checkpoint "
@@ -449,22 +575,41 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
         window_steps += 1
         progress.update(1)
         last = step + 1 == stage.steps
-        if (step + 1) % config.log_every == 0 or last:
+        saving = (step + 1) % config.checkpoint_every == 0 or last
+        if (step + 1) % config.log_every == 0 or saving:  # a checkpoint's steps are checked
             fetched = jax.device_get([m for _, m in pending])
+            rows = [(s, m) for (s, _), m in zip(pending, fetched)]
             elapsed = time.perf_counter() - window_start
             rate = window_steps * tokens_per_step / elapsed
             mfu = rate * flops / peak if peak else None
-            last_loss = float(sum(m["loss"] for m in fetched) / len(fetched))
-            logger.steps([(s, m) for (s, _), m in zip(pending, fetched)], rate, mfu)
+            bad = next((i for i, (_, m) in enumerate(rows) if not _finite_metrics(m)), None)
+            if bad is not None and config.nonfinite == "stop":
+                logger.steps(rows[:bad + 1], rate, mfu)  # up to the first non-finite step
+                progress.close()
+                raise _diverged(stage, offset, rows[bad], manager)
+            kept = [float(m["loss"]) for _, m in rows if not m.get("skipped")]
+            last_loss = sum(kept) / len(kept) if kept else None
+            logger.steps(rows, rate, mfu)
+            skipped = sum(int(m.get("skipped", 0)) for _, m in rows)
+            if skipped:
+                _say(f"stage {stage.name}: skipped {skipped} of steps {rows[0][0] - offset}-"
+                     f"{rows[-1][0] - offset} (non-finite loss or gradient norm; "
+                     "config.nonfinite='skip')")
             progress.set_postfix(_postfix(last_loss, rate, mfu))
             pending, window_start, window_steps = [], time.perf_counter(), 0
+            if saving and not bool(step_fns.finite(state)):  # never a checkpoint of NaN / inf
+                progress.close()
+                raise _diverged(stage, offset, (offset + step + 1, None), manager)
         if (step + 1) % config.checkpoint_every == 0 or last:
             meta = {"stage": stage.name, "step": step + 1, "data": feed.state()}
+            if config.verify_checkpoints:  # every process computes, process 0 writes meta
+                meta["checksums"] = checksums.checksums(state)
             manager.save(offset + step + 1, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     progress.close()
 
-    eval_loss = _evaluate(config, stage, tokenizer, step_fns, state, frozen, plan)
+    eval_loss = _evaluate(config, stage, tokenizer, step_fns, state, frozen, plan,
+                          sources.get(config.data.eval_split))
     if eval_loss is not None:
         logger.scalars(offset + stage.steps, {"eval/loss": eval_loss,
                                               "eval/perplexity": math.exp(eval_loss)},
@@ -475,8 +620,45 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     model_dir = run_dir / "models" / stage.name
     manager.wait_until_finished()
     checkpoint.save(Model(model_config, params), model_dir)
+    skipped = (logger.total("skipped", offset, offset + stage.steps)
+               if config.nonfinite == "skip" else None)
     return StageResult(stage.name, stage.steps, last_loss, eval_loss, rate, mfu,
-                       time.perf_counter() - started, str(model_dir))
+                       time.perf_counter() - started, str(model_dir), skipped)
+
+
+def _finite_metrics(metrics: dict) -> bool:
+    return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+
+
+def _diverged(stage: ml_collections.ConfigDict, offset: int, row: tuple[int, dict | None],
+              manager: ocp.CheckpointManager) -> TrainingDiverged:
+    """The error for the first non-finite step `row` (global step, its metrics; None: the state
+    after it is non-finite although its metrics are not), once the saves already under way are
+    committed, naming the checkpoint a rerun resumes from."""
+    step, metrics = row
+    where = f"step {step - offset} of {stage.steps}" + (f" (run step {step})" if offset else "")
+    if metrics is not None:
+        what = (f"the loss ({float(metrics['loss'])}) or gradient norm "
+                f"({float(metrics['grad_norm'])}) became non-finite at {where}")
+    else:
+        what = (f"the train state after {where} holds NaN / inf values although the losses and "
+                "gradient norms were finite (an optimizer overflow: check config.optimizer.eps "
+                "> 0)")
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    if latest is None:
+        kept, where_next = "no checkpoint was written", " (config.run_dir can be reused)"
+        skip = "set config.nonfinite='skip' to skip such steps"
+    else:
+        kept = f"the last checkpoint, step {latest} in {manager.directory}, is finite and kept"
+        where_next = " (in a new config.run_dir: a changed config cannot resume there)"
+        skip = ("rerun with --config.nonfinite='skip', which resumes from that checkpoint and "
+                "skips such steps")
+    return TrainingDiverged(
+        f"stage {stage.name}: {what}; stopped without saving it: {kept}. To fix it"
+        f"{where_next}: try a lower lr or a longer warmup_steps, check the data and the config "
+        "(e.g. rms_norm_eps, optimizer.eps, optimizer.grad_clip), with bfloat16 / float16 "
+        f"compute try dtype='float32' (overflow); or {skip}")
 
 
 def host_part(batch_sharding: Any, shape: tuple[int, int, int], process: int | None = None
@@ -510,14 +692,13 @@ class _Feed:
     gets its tokens from them); so the global batch does not depend on how the mesh maps onto
     hosts beyond which rows travel together."""
 
-    def __init__(self, config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
-                 accum: int, batch_sharding: Any, tokenizer: data.Tokenizer, split: str,
-                 seed: int):
+    def __init__(self, stage: ml_collections.ConfigDict, accum: int, batch_sharding: Any,
+                 tokenizer: data.Tokenizer, documents: Sequence[str], seed: int):
         self.shape = (accum, stage.batch_size // stage.grad_accum, stage.seq_len)
         self.sharding = batch_sharding
         self.rows, self.shard, shards = host_part(batch_sharding, self.shape)
         self.batches = data.PackedBatches(
-            _documents(config, split), tokenizer, stage.seq_len, accum * len(self.rows), seed,
+            documents, tokenizer, stage.seq_len, accum * len(self.rows), seed,
             shard_index=self.shard, shard_count=shards, min_tokens=stage.min_doc_tokens)
 
     def state(self) -> dict[str, dict]:
@@ -558,16 +739,15 @@ def _batch_sharding(mesh: Any, stage: ml_collections.ConfigDict) -> Any:
 
 def _evaluate(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
               tokenizer: data.Tokenizer, step_fns: Step, state: dict, frozen: Any,
-              plan: StagePlan) -> float | None:
-    """Mean validation loss over `eval_batches` batches at the stage's length (full attention),
-    each of the training micro-batch's rows (batch_size / grad_accum), so that evaluating needs
-    no more memory than a training micro-step."""
+              plan: StagePlan, documents: Sequence[str] | None) -> float | None:
+    """Mean validation loss over `eval_batches` batches of `documents` (the eval split) at the
+    stage's length (full attention), each of the training micro-batch's rows (batch_size /
+    grad_accum), so that evaluating needs no more memory than a training micro-step."""
     if not config.eval_batches:
         return None
     eval_stage = ml_collections.ConfigDict(plain(stage))
     eval_stage.min_doc_tokens = 0
-    feed = _Feed(config, eval_stage, 1, plan.batch_sharding, tokenizer, config.data.eval_split,
-                 0)
+    feed = _Feed(eval_stage, 1, plan.batch_sharding, tokenizer, documents, 0)
     nll = count = 0.0
     for _ in range(config.eval_batches):
         batch = jax.tree.map(lambda x: x[0], feed.next())
@@ -595,8 +775,8 @@ def _export_hf(config: ml_collections.ConfigDict, model_dir: epath.Path,
     convert.to_hf(model, out_dir)
 
 
-def _postfix(loss: float, rate: float, mfu: float | None) -> dict[str, str]:
-    out = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}"}
+def _postfix(loss: float | None, rate: float, mfu: float | None) -> dict[str, str]:
+    out = {"loss": "-" if loss is None else f"{loss:.4f}", "tok/s": f"{rate:,.0f}"}
     if mfu is not None:
         out["MFU"] = f"{100 * mfu:.1f}%"
     return out
@@ -610,6 +790,8 @@ def _summary(results: list[StageResult], run_dir: epath.Path,
         parts = [f"stage {r.name}: {r.steps} steps in {r.seconds:.0f} s"]
         if r.final_loss is not None:
             parts.append(f"train loss {r.final_loss:.4f} (mean of the last log window)")
+        if r.skipped is not None:
+            parts.append(f"{r.skipped} steps skipped (non-finite loss or gradient norm)")
         if r.eval_loss is not None:
             parts.append(f"eval loss {r.eval_loss:.4f} (ppl {math.exp(r.eval_loss):.2f})")
         if r.tokens_per_s:
@@ -661,16 +843,27 @@ class _Logger:
         if not self.active:
             return
         self.lines += [json.dumps({"step": step, "loss": float(m["loss"]),
-                                   "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
+                                   "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                                   **({"skipped": int(m["skipped"])} if "skipped" in m else {})})
                        for step, m in rows]
         self._write()
         if self.writer is not None:
             step, m = rows[-1]
             for key in ("loss", "grad_norm", "lr"):
-                self.writer.add_scalar(f"train/{key}", float(m[key]), step)
+                if math.isfinite(m[key]):  # NaN / inf: in metrics.jsonl only
+                    self.writer.add_scalar(f"train/{key}", float(m[key]), step)
+            if "skipped" in m:
+                self.writer.add_scalar("train/skipped", sum(int(r["skipped"]) for _, r in rows),
+                                       step)
             self.writer.add_scalar("train/tokens_per_s", rate, step)
             if mfu is not None:
                 self.writer.add_scalar("train/mfu", mfu, step)
+
+    def total(self, key: str, start: int, stop: int) -> int:
+        """The sum of `key` over the lines of steps start+1 .. stop (process 0; else 0)."""
+        rows = (json.loads(line) for line in self.lines)
+        return sum(int(r.get(key, 0)) for r in rows if start < r.get("step", 0) <= stop
+                   and "loss" in r)
 
     def scalars(self, step: int, values: dict[str, float], line: dict) -> None:
         if not self.active:
