@@ -52,9 +52,12 @@ def save(model: Model, ckpt_dir: str | os.PathLike) -> None:
     if jax.process_index() == 0:  # the manifest first: config.json, written last, marks done
         manifest = {"algorithm": checksums.ALGORITHM, "arrays": sums}
         paths.write_atomically(path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        config = {**model.config.to_hf(),
-                  "lctx_jax": {"format": FORMAT, "param_dtype": str(model.param_dtype),
-                               "checksums": MANIFEST}}
+        meta = {"format": FORMAT, "param_dtype": str(model.param_dtype), "checksums": MANIFEST}
+        dtypes = {_name(leaf_path): str(leaf.dtype) for leaf_path, leaf
+                  in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+        if len(set(dtypes.values())) > 1:  # e.g. bf16 kernels with f32 norms
+            meta["param_dtypes"] = dtypes
+        config = {**model.config.to_hf(), "lctx_jax": meta}
         paths.write_atomically(path / "config.json", json.dumps(config, indent=2) + "\n")
     _barrier("lctx_jax.save: done")
 
@@ -105,37 +108,34 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     config = models.config_from_hf(hf)
     expected = _manifest(path, meta) if verify else None
     target = abstract_params(config, jnp.dtype(meta["param_dtype"]), mesh)
+    if "param_dtypes" in meta:  # a tree of mixed dtypes restores each leaf in its own
+        target = jax.tree_util.tree_map_with_path(
+            lambda leaf_path, x: jax.ShapeDtypeStruct(
+                x.shape, jnp.dtype(meta["param_dtypes"][_name(leaf_path)]), sharding=x.sharding),
+            target)
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as err:  # orbax raises many types for damaged files
         raise ValueError(f"cannot restore the parameters in {params_dir} ({err}); the "
                          "checkpoint is damaged or was written for another config: restore it "
                          "from another copy, or re-save the model") from err
+    summary = (checksums.summarize(params, with_checksums=expected is not None)
+               if expected is not None or check_finite else None)
     if expected is not None:
-        checksums.verify(params, expected, f"the checkpoint {path}",
+        checksums.verify(summary.checksums, expected, f"the checkpoint {path}",
                          advice="its files changed after the save (disk, transfer or copy "
                                 "corruption); restore the directory from another copy, or "
                                 "re-save the model (lctx_jax.save)")
-    if check_finite:
-        _check_finite(params, path)
+    if check_finite and summary.nonfinite:
+        raise ValueError(f"the checkpoint {path} holds NaN or inf in {summary.nonfinite[0]}: "
+                         "the model was saved after training diverged; use an earlier "
+                         "checkpoint, or load(..., check_finite=False) to inspect it")
     return Model(config, params, dtype=dtype, attention=attention, remat=remat, mesh=mesh)
 
 
-@jax.jit
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])
-
-
-def _check_finite(params: Any, path: Any) -> None:
-    """ValueError naming the first parameter that holds NaN or inf."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    finite = jax.device_get(_all_finite([leaf for _, leaf in flat]))
-    for (leaf_path, _), ok in zip(flat, finite):
-        if not ok:
-            name = jax.tree_util.keystr(leaf_path, simple=True, separator="/")
-            raise ValueError(f"the checkpoint {path} holds NaN or inf in {name}: the model was "
-                             "saved after training diverged; use an earlier checkpoint, or "
-                             "load(..., check_finite=False) to inspect it")
+def _name(leaf_path: Any) -> str:
+    """A leaf's path as `lctx_jax.checksums` names it: "layers/q/kernel"."""
+    return jax.tree_util.keystr(leaf_path, simple=True, separator="/")
 
 
 def _manifest(path: Any, meta: dict) -> dict[str, str] | None:
@@ -149,7 +149,7 @@ def _manifest(path: Any, meta: dict) -> dict[str, str] | None:
                          "another copy, or re-save the model (load(..., verify=False) skips "
                          "the check)")
     try:
-        manifest = json.loads(manifest_file.read_text())
+        manifest = paths.read_json(manifest_file)
         algorithm, arrays = manifest["algorithm"], manifest["arrays"]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{manifest_file} is damaged ({err!r}); restore the directory from "

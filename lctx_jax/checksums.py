@@ -1,7 +1,8 @@
 """Per-array checksums of a pytree, computed on device, for checkpoint integrity.
 
     sums = checksums(params)                  # {"layers/q/kernel": "3f0c...", ...}
-    verify(restored, sums, "/ckpt/step_100")  # ValueError naming every array that differs
+    verify(checksums(restored), sums, "/ckpt/step_100")  # ValueError naming arrays that differ
+    summarize(state).nonfinite                # the same pass also finds NaN / inf leaves
 
 Each leaf's bits are read as uint32 words (bf16 / f16 / int16 widened from uint16, 1-byte
 types from uint8, 8-byte types as two words each) and reduced with wrap-around uint32
@@ -16,6 +17,8 @@ cryptographic hash.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -58,37 +61,60 @@ def _index_weights(shape: tuple[int, ...]) -> jax.Array:
     return index | jnp.uint32(1)
 
 
-@jax.jit
-def _digests(leaves: list[Any]) -> jax.Array:
-    """[leaves, 2] uint32: (sum, weighted sum) of each leaf's words."""
+@functools.partial(jax.jit, static_argnums=1)
+def _digests(leaves: list[Any], with_sums: bool) -> jax.Array:
+    """[leaves, 3] uint32: (sum, weighted sum) of each leaf's words (0, 0 without with_sums),
+    and 1 when every value of the leaf is finite (always for integer leaves), else 0."""
     rows = []
     for leaf in leaves:
-        words = _words(jnp.asarray(leaf))
-        rows.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32),
-                               jnp.sum(words * _index_weights(words.shape), dtype=jnp.uint32)]))
+        leaf = jnp.asarray(leaf)
+        finite = (jnp.isfinite(leaf).all() if jnp.issubdtype(leaf.dtype, jnp.inexact)
+                  else jnp.asarray(True))
+        sums = [jnp.uint32(0), jnp.uint32(0)]
+        if with_sums:
+            words = _words(leaf)
+            sums = [jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * _index_weights(words.shape), dtype=jnp.uint32)]
+        rows.append(jnp.stack([*sums, finite.astype(jnp.uint32)]))
     return jnp.stack(rows)
 
 
-def checksums(tree: Any) -> dict[str, str]:
-    """{leaf path ("layers/q/kernel", keys joined by "/"): 16 hex digits} for every array leaf
-    of `tree`. Every process of a multi-host run must call it (the reduction is collective);
-    each gets the whole dict."""
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What one pass over a tree finds: checksums {leaf path: 16 hex digits} and the paths of
+    the leaves holding NaN or inf (in tree order)."""
+    checksums: dict[str, str]
+    nonfinite: list[str]
+
+
+def summarize(tree: Any, with_checksums: bool = True) -> Summary:
+    """Checksums (none without with_checksums: the finite check alone is cheaper) and
+    non-finite leaves of every array leaf of `tree` (paths: keys joined by "/", e.g.
+    "layers/q/kernel"), in one jit over the tree. Every process of a multi-host run must call
+    it (the reduction is collective); each gets the whole answer."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     if not flat:
-        return {}
-    out = _digests([leaf for _, leaf in flat])
+        return Summary({}, [])
+    out = _digests([leaf for _, leaf in flat], with_checksums)
     if not out.is_fully_replicated and not out.is_fully_addressable:
         out = multihost_utils.process_allgather(out, tiled=True)
-    values = np.asarray(out)
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{s:08x}{w:08x}"
-            for (path, _), (s, w) in zip(flat, values.tolist())}
+    values = np.asarray(out).tolist()
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat]
+    sums = ({name: f"{s:08x}{w:08x}" for name, (s, w, _) in zip(names, values)}
+            if with_checksums else {})
+    return Summary(sums, [name for name, (_, _, finite) in zip(names, values) if not finite])
 
 
-def verify(tree: Any, expected: dict[str, str], where: str, advice: str = "") -> None:
-    """Raises ValueError when an array of `tree` does not have its checksum in `expected` (or
-    is in only one of them), naming the arrays and `where` (the checkpoint they were read
-    from), then `advice` (what to do)."""
-    actual = checksums(tree)
+def checksums(tree: Any) -> dict[str, str]:
+    """{leaf path: 16 hex digits} for every array leaf of `tree` (`summarize`)."""
+    return summarize(tree).checksums
+
+
+def verify(actual: dict[str, str], expected: dict[str, str], where: str, advice: str = ""
+           ) -> None:
+    """Raises ValueError when the checksums `actual` (of the arrays read back) differ from
+    `expected` (the manifest) for an array, or an array is in only one of them, naming the
+    arrays and `where` (the checkpoint they were read from), then `advice` (what to do)."""
     bad = [path for path in expected if actual.get(path, "missing") != expected[path]]
     bad += [path for path in actual if path not in expected]
     if not bad:

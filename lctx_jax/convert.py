@@ -12,7 +12,6 @@ that names the tensor (or file), never a silently wrong model.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -79,16 +78,21 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def _handle(self, name: str) -> Any:
+        if name not in self._where:
+            raise ValueError(f"checkpoint {self.path} has no tensor {name}")
+        return self._handles[self._where[name]]
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._handle(name).get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype code, e.g. "BF16", "F32", "I64", "BOOL"."""
-        return self._handles[self._where[name]].get_slice(name).get_dtype()
+        return self._handle(name).get_slice(name).get_dtype()
 
     def get(self, name: str) -> np.ndarray:
         try:
-            value = self._handles[self._where[name]].get_tensor(name)
+            value = self._handle(name).get_tensor(name)
         except SafetensorError as err:
             raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
                              "file may be truncated") from err
@@ -97,7 +101,7 @@ class SafetensorsReader:
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor, reading only those."""
         try:
-            value = self._handles[self._where[name]].get_slice(name)[start:stop]
+            value = self._handle(name).get_slice(name)[start:stop]
         except SafetensorError as err:
             raise ValueError(f"tensor {name} in {self._where[name]} cannot be read ({err}); the "
                              "file may be truncated") from err
@@ -139,7 +143,9 @@ def _np_dtype(name: str) -> np.dtype:
 
 def _index_files(index: pathlib.Path) -> list[str]:
     """The shard files model.safetensors.index.json names: plain file names or paths inside
-    the checkpoint directory (a path that leaves it is refused, whatever the index says)."""
+    the checkpoint directory (a path that leaves it is refused, whatever the index says). The
+    check is on the names: a symlink inside the directory may point elsewhere, as the shards
+    of a Hugging Face hub cache snapshot point into its blobs/."""
     weight_map = paths.read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -156,11 +162,37 @@ def _index_files(index: pathlib.Path) -> list[str]:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a Hugging Face checkpoint directory, as transformers (5.x) resolves it:
+    a config that ties the LM head to the embedding while the weights store a head that
+    differs reads untied, with a warning (transformers then keeps both)."""
     file = pathlib.Path(path) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: a Hugging Face checkpoint directory holds "
                                 "config.json and *.safetensors")
-    return paths.read_json(file)
+    hf = paths.read_json(file)
+    if hf.get("tie_word_embeddings") is True and any(
+            (file.parent / name).exists() for name in _WEIGHT_FILES):
+        hf = _untie_a_distinct_head(SafetensorsReader(file.parent, check_finite=False), hf)
+    return hf
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _untie_a_distinct_head(reader: SafetensorsReader, hf: dict[str, Any]) -> dict[str, Any]:
+    try:
+        tied = models.family_for(hf.get("model_type")).hf_tied_head
+    except ValueError:  # an unknown model_type: config_from_hf says so
+        return hf
+    if tied is None or not set(tied) <= reader.names():
+        return hf
+    head, embedding = tied
+    if np.array_equal(reader.get(head), reader.get(embedding)):
+        return hf
+    warnings.warn(f"{reader.path}: config.json ties the LM head to the embedding, but {head} is "
+                  f"stored and differs from {embedding}; reading them untied, as transformers "
+                  "does (set tie_word_embeddings to false to silence this)", stacklevel=4)
+    return {**hf, "tie_word_embeddings": False}
 
 
 def _check_names_and_shapes(reader: SafetensorsReader, config: Any) -> None:
@@ -195,21 +227,6 @@ def iter_params_from_hf(reader: SafetensorsReader, config: Any, dtype: Any,
     yield from tqdm(leaves, desc="tensors", disable=not progress)
 
 
-def _untie_a_distinct_head(reader: SafetensorsReader, config: Any) -> Any:
-    """`config`, untied when it ties the LM head to the embedding but the checkpoint stores a
-    head that differs: transformers (5.x) then keeps both, so the model does too."""
-    tied = models.family_of(config).hf_tied_head
-    if not config.tie_word_embeddings or tied is None or tied[0] not in reader.names():
-        return config
-    head, embedding = tied
-    if np.array_equal(reader.get(head), reader.get(embedding)):
-        return config
-    warnings.warn(f"{reader.path}: config.json ties the LM head to the embedding, but {head} is "
-                  f"stored and differs from {embedding}; reading them untied, as transformers "
-                  "does (set tie_word_embeddings to false to silence this)", stacklevel=3)
-    return dataclasses.replace(config, tie_word_embeddings=False)
-
-
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -219,7 +236,7 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
             rope_scaling: Mapping[str, Any] | None = None, attention: str = "xla",
             mesh: Any = None, param_dtype: Any = None, remat: str = "none",
-            progress: bool = False, check_finite: bool = True) -> Model:
+            progress: bool = False, check_finite: bool = True, config: Any = None) -> Model:
     """A Model from a transformers checkpoint directory (config.json + *.safetensors).
 
     dtype: compute dtype. param_dtype: storage dtype, default the one transformers loads
@@ -227,7 +244,9 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     stored in another dtype are cast to it). check_finite: a NaN or inf weight is a ValueError
     naming the tensor (False: load it anyway). A tied config (tie_word_embeddings) whose
     checkpoint stores an lm_head that differs from the embedding is read untied, with a
-    warning, as transformers does.
+    warning, as transformers does (`read_hf_config`). config: a family config to read the
+    weights with instead of config.json's (e.g. with fields overridden, as train.py's
+    hf_overrides); its tensor shapes must be the checkpoint's.
     rope_scaling: a context-extension method put on the checkpoint, e.g.
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}.
     mesh: a Mesh from `lctx_jax.make_mesh`: every parameter is split by the sharding rules
@@ -237,9 +256,12 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     kernels), not the model.
     """
     hf = read_hf_config(path)
-    config = models.config_from_hf(hf, rope_scaling)
+    if config is None:
+        config = models.config_from_hf(hf, rope_scaling)
+    elif rope_scaling is not None:
+        raise ValueError("from_hf takes config= or rope_scaling=, not both: put the scaling on "
+                         "the config (config.with_rope_scaling)")
     reader = SafetensorsReader(path, check_finite)
-    config = _untie_a_distinct_head(reader, config)
     param_dtype = reader.default_dtype(hf) if param_dtype is None else param_dtype
     rules = models.family_of(config).sharding_rules
     params: dict = {}
@@ -311,8 +333,8 @@ def to_hf(model: Model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_S
 
 def main(argv: list[str] | None = None) -> int:
     """The conversion CLI. A bad SRC or DST (missing, damaged, not a checkpoint, DST already
-    holding one) is one line on stderr and exit status 2, as argparse reports bad arguments;
-    anything unexpected keeps its traceback."""
+    holding one: the ValueError / OSError the readers raise) is one line on stderr and exit
+    status 2, as argparse reports bad arguments; other exceptions keep their traceback."""
     from lctx_jax import checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m lctx_jax.convert",
@@ -339,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "choose a new directory or remove it")
             model = checkpoint.load(args.src)
             to_hf(model, dst, progress=True)
-    except (FileNotFoundError, FileExistsError, json.JSONDecodeError, ValueError,
-            OSError) as err:
+    except (ValueError, OSError) as err:  # what the readers raise for bad files and configs
         message = " ".join(line.strip() for line in str(err).splitlines())
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2

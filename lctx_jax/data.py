@@ -384,6 +384,18 @@ def cached_tokenizer(path: str | os.PathLike, texts_factory: Callable[[], Iterab
 _CACHED_DOCUMENTS = 16  # tokenized documents kept (LRU): a long document spans many rows
 
 
+def check_framing(tokenizer: Tokenizer) -> None:
+    """ValueError unless the tokenizer's BOS and EOS ids are tokens of its vocabulary: packing
+    frames each document as [bos] doc [eos] (sentencepiece says -1 for a piece it lacks)."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    for name in ("bos_id", "eos_id"):
+        token = getattr(tokenizer, name)
+        if token < 0 or (vocab is not None and token >= vocab):
+            raise ValueError(f"the tokenizer's {name} is {token}, not a token of its vocabulary "
+                             f"[0, {vocab}): documents are framed as [bos] doc [eos], so it "
+                             "needs both (train it with bos_id / eos_id set)")
+
+
 class PackedBatches:
     """Endless iterator of packed batches of one host's shard of `documents`.
 
@@ -406,13 +418,7 @@ class PackedBatches:
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got "
                              f"{shard_index!r}: use the host's index, e.g. jax.process_index()")
-        vocab = getattr(tokenizer, "vocab_size", None)
-        for name in ("bos_id", "eos_id"):  # sentencepiece says -1 for a token it lacks
-            token = getattr(tokenizer, name)
-            if token < 0 or (vocab is not None and token >= vocab):
-                raise ValueError(f"the tokenizer's {name} is {token}, not a token of its "
-                                 f"vocabulary [0, {vocab}): documents are framed as [bos] doc "
-                                 "[eos], so it needs both (train it with bos_id / eos_id set)")
+        check_framing(tokenizer)
         self._shard = range(shard_index, len(documents), shard_count)
         if not self._shard:
             raise ValueError(f"shard {shard_index} of {shard_count} is empty: there are only "

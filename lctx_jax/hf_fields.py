@@ -29,10 +29,13 @@ def _given(fields: Mapping[str, Any], key: str, default: Any, where: str) -> boo
 
 def integer(fields: Mapping[str, Any], key: str, default: Any = REQUIRED, *, minimum: int = 1,
             where: str = "config.json") -> Any:
-    """fields[key] as an int >= minimum; `default` when absent or null."""
+    """fields[key] as an int >= minimum (an integral float such as 8192.0 counts); `default`
+    when absent or null."""
     if not _given(fields, key, default, where):
         return default
     value = fields[key]
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)  # 8192.0: what transformers accepts too
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{where}: {key}={value!r} must be an integer (a JSON number without "
                          "a fraction)")

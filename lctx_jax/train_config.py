@@ -26,8 +26,8 @@ Fields (see `default_config` for defaults):
   dtype, param_dtype compute dtype (bf16 on accelerators) and master-weight dtype (f32)
   remat              "none" | "full" | "dots" activation checkpointing per layer
   mesh               data / fsdp / tensor / sequence axis sizes (-1: the rest), num_devices
-                     (0: all); sizes the devices cannot hold are an error; a 1-device mesh
-                     (or num_devices=1, whatever the sizes) runs without one
+                     (0: all; N: the first N); sizes the devices cannot hold are an error;
+                     a 1-device mesh runs without one
   optimizer          AdamW b1, b2, eps, weight_decay (kernels and embeddings only), grad_clip
                      (global norm; 0 = off), min_lr_ratio (floor of linear / cosine decay)
   lora               rank (0 = full fine-tuning), alpha, targets, trainable (LongLoRA's LoRA+)
@@ -50,7 +50,7 @@ import ml_collections
 
 from etils import epath
 
-from lctx_jax import architectures, paths
+from lctx_jax import architectures, convert, paths
 from lctx_jax.attention import IMPLEMENTATIONS
 from lctx_jax.lora import LoraConfig
 from lctx_jax import models
@@ -65,6 +65,11 @@ STAGE_FIELDS = ("name", "seq_len", "batch_size", "steps", "lr", "warmup_steps", 
 
 class ConfigError(ValueError):
     """A config field with a bad value; the message names the field and the fix."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN / inf loss, gradient norm or train state stopped the run (config.nonfinite="stop");
+    the message names the stage, the step and what to try. Nothing of it was saved."""
 
 
 class InputNotFound(ConfigError, FileNotFoundError):
@@ -187,8 +192,9 @@ def _source_hf_config(config: ml_collections.ConfigDict, published: bool) -> dic
                               "checkpoint dir (config.json + *.safetensors) or an lctx_jax "
                               "checkpoint dir, or \"\" to train from scratch with config.model"
                               + known)
-        try:
-            hf = paths.read_json(path)
+        try:  # an lctx_jax checkpoint's config.json, or an HF one as transformers reads it
+            hf = (paths.read_json(path) if (path.parent / "params").is_dir()
+                  else convert.read_hf_config(path.parent))
         except ValueError as err:
             raise ConfigError(f"config.init_from: {err}") from None
         hf.pop("lctx_jax", None)
@@ -240,13 +246,7 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
     except (KeyError, ValueError) as err:
         source = "config.init_from's config.json" if config.init_from else "config.model"
         raise ConfigError(f"{source} (with config.hf_overrides): {err}") from err
-    if config.hf_overrides:
-        source = models.config_from_hf(_source_hf_config(config, published))
-        layout = models.family_of(model).hf_layout
-        if layout(source) != layout(model):
-            raise ConfigError(f"config.hf_overrides={plain(config.hf_overrides)} changes the "
-                              "parameter shapes; only fields that keep them (sliding_window, "
-                              "rms_norm_eps, token ids, ...) can be overridden")
+    _check_overrides_keep_shapes(config, published, base, model)
     targets = models.family_of(model).lora_targets
     if config.lora.rank and not set(config.lora.targets) <= set(targets):
         raise ConfigError(f"config.lora.targets={tuple(config.lora.targets)}: a "
@@ -268,6 +268,27 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
                 f"context-extension recipes use), or = {window} to keep the window")
     if len(set(names)) != len(names):
         raise ConfigError(f"config.stages: names must be unique, got {names}")
+
+
+def _check_overrides_keep_shapes(config: ml_collections.ConfigDict, published: bool,
+                                 base: dict[str, Any], model: Any) -> None:
+    """ConfigError when an hf_overrides field changes the parameter shapes: with that one field
+    back at the source's value the layout must be the same. A field whose source value does
+    not even parse (a pad id past the vocabulary, say) is a fix, always allowed."""
+    source = _source_hf_config(config, published)
+    layout = models.family_of(model).hf_layout(model)
+    for key in plain(config.hf_overrides):
+        reverted = {k: v for k, v in base.items() if k != key}
+        if key in source:
+            reverted[key] = source[key]
+        try:
+            before = models.config_from_hf(reverted)
+        except (KeyError, ValueError):
+            continue
+        if models.family_of(before).hf_layout(before) != layout:
+            raise ConfigError(f"config.hf_overrides.{key}={base[key]!r} changes the parameter "
+                              "shapes; only fields that keep them (sliding_window, "
+                              "rms_norm_eps, token ids, ...) can be overridden")
 
 
 def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> None:

@@ -75,19 +75,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, models, paths, sharding
 from lctx_jax import checksums
 from lctx_jax.model import Model, ModelSpec
-from lctx_jax.train_config import (ConfigError, InputNotFound, base_hf_config, fingerprint,
-                                   lora_config, plain, rope_scaling_dict, tokenizer_path,
-                                   validate)
+from lctx_jax.train_config import (ConfigError, InputNotFound, TrainingDiverged,
+                                   base_hf_config, fingerprint, lora_config, plain,
+                                   rope_scaling_dict, tokenizer_path, validate)
 
 # Dense bf16 peak per chip, TFLOP/s (vendor figures), matched against jax's device_kind.
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0,
                "H200": 989.0, "A100": 312.0}
-
-
-class TrainingDiverged(RuntimeError):
-    """A NaN / inf loss, gradient norm or train state stopped the run (config.nonfinite="stop");
-    the message names the stage, the step and what to try. Nothing of it was saved."""
 
 
 # ----------------------------------------------------------------------------- math
@@ -156,13 +151,11 @@ def peak_flops(override_tflops: float) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Step:
     """The compiled functions of one stage. state = {"step", "trainable", "lora", "opt_state"};
-    frozen: the weights not trained (not donated, never updated). finite(state): whether every
-    float in the state is finite (a scalar bool array)."""
+    frozen: the weights not trained (not donated, never updated)."""
 
     train: Callable[[Any, Any, Any], tuple[Any, dict]]
     eval: Callable[[Any, Any, Any], tuple[jax.Array, jax.Array]]
     init_state: Callable[[Any, Any], Any]
-    finite: Callable[[Any], jax.Array]
 
 
 def make_step(model: ModelSpec, eval_model: ModelSpec, tx: optax.GradientTransformation,
@@ -222,17 +215,11 @@ def make_step(model: ModelSpec, eval_model: ModelSpec, tx: optax.GradientTransfo
         return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "lora": lora_params,
                 "opt_state": tx.init((trainable, lora_params))}
 
-    def finite(state: dict) -> jax.Array:
-        checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(state)
-                  if jnp.issubdtype(x.dtype, jnp.inexact)]
-        return jnp.stack(checks).all() if checks else jnp.asarray(True)
-
     out = (state_shardings, None) if state_shardings is not None else None
     return Step(train=jax.jit(train, donate_argnums=(0,), out_shardings=out),
                 eval=jax.jit(evaluate),
                 init_state=jax.jit(init_state, donate_argnums=(0, 1),
-                                   out_shardings=state_shardings),
-                finite=jax.jit(finite))
+                                   out_shardings=state_shardings))
 
 
 # ----------------------------------------------------------------------------- run
@@ -266,9 +253,6 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
              f"({jax.local_device_count()} per process)")
     run_dir = paths.as_path(config.run_dir)
     config_mesh(config)  # sizes the devices cannot hold fail here, before the claim
-    sizes = {axis: config.mesh[axis] for axis in sharding.AXES}
-    if config.mesh.num_devices == 1 and set(sizes.values()) - {1, -1}:
-        _say(f"config.mesh.num_devices=1: one device, no mesh (the sizes {sizes} are not used)")
     remaining = [s for s in config.stages
                  if not checkpoint.is_complete(run_dir / "models" / s.name)]
     sources = _open_data(config) if remaining else {}
@@ -325,7 +309,11 @@ def _claim_run_dir(run_dir: epath.Path, config: ml_collections.ConfigDict) -> No
     saved = run_dir / "config.json"
     current = fingerprint(config)
     if saved.exists():
-        before = json.loads(saved.read_text())["fingerprint"]
+        try:
+            before = paths.read_json(saved)["fingerprint"]
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"{saved} is damaged ({err}); it records the config of the run in "
+                              f"{run_dir}: restore it, or choose a new config.run_dir") from None
         changed = sorted(key for key in current if before.get(key) != json.loads(
             json.dumps(current[key])))
         if not changed:
@@ -353,18 +341,21 @@ def _wrote_something(run_dir: epath.Path) -> bool:
 def _tokenizer(config: ml_collections.ConfigDict, sources: dict[str, Sequence[str]]
                ) -> data.Tokenizer:
     """The tokenizer (trained on the training split and cached when config.tokenizer does not
-    exist and tokenizer_vocab_size > 0); a missing or unreadable one is a ConfigError naming
-    the field."""
+    exist and tokenizer_vocab_size > 0); a missing or unreadable one, or one without BOS / EOS
+    (`data.check_framing`), is a ConfigError naming the field."""
     path = tokenizer_path(config)
     field = "config.tokenizer" if config.tokenizer else "config.init_from (its tokenizer)"
     try:
         if path.exists() or not config.tokenizer_vocab_size:
-            return data.load_tokenizer(path)
-        _say(f"training a {config.tokenizer_vocab_size}-token sentencepiece tokenizer on "
-             f"{config.data.dataset}/{config.data.split} -> {path}")
-        return data.cached_tokenizer(
-            path, lambda: (sources or _open_data(config))[config.data.split],
-            config.tokenizer_vocab_size)
+            tokenizer = data.load_tokenizer(path)
+        else:
+            _say(f"training a {config.tokenizer_vocab_size}-token sentencepiece tokenizer on "
+                 f"{config.data.dataset}/{config.data.split} -> {path}")
+            tokenizer = data.cached_tokenizer(
+                path, lambda: (sources or _open_data(config))[config.data.split],
+                config.tokenizer_vocab_size)
+        data.check_framing(tokenizer)
+        return tokenizer
     except ConfigError:
         raise
     except FileNotFoundError as err:
@@ -401,8 +392,7 @@ def config_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = N
     """The mesh config.mesh describes over `devices` (default: every device; the first
     num_devices when set), or None when it holds a single device. Sizes the devices cannot
     hold (e.g. fsdp=3 on one device, or on 8) are a ConfigError naming the device count, never
-    a silently smaller mesh; only num_devices=1, asking for one device, runs without a mesh
-    whatever the sizes (`run` says so)."""
+    a silently smaller mesh."""
     m = config.mesh
     devices = list(jax.devices() if devices is None else devices)
     available, count = len(devices), m.num_devices
@@ -412,8 +402,6 @@ def config_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = N
     if count > available:
         raise ConfigError(f"config.mesh.num_devices={count}, but there are only {available} "
                           "devices")
-    if count == 1:  # one device asked for explicitly (e.g. a pod recipe debugged on one chip)
-        return None
     if count:
         devices = devices[:count]
     try:
@@ -438,8 +426,8 @@ def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
     elif (paths.as_path(config.init_from) / "params").is_dir():
         model = checkpoint.load(config.init_from, mesh=mesh)
     else:
-        model = convert.from_hf(paths.as_path(config.init_from), mesh=mesh,
-                                param_dtype=param_dtype, progress=True)
+        model = convert.from_hf(paths.as_path(config.init_from), mesh=mesh,  # hf_overrides
+                                param_dtype=param_dtype, progress=True, config=model_config)
     params = jax.tree.map(lambda x: x.astype(param_dtype), model.params)
     return Model(model_config, params, mesh=mesh)
 
@@ -551,7 +539,8 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                               f"{meta['stage']!r}, not {stage.name!r}; the stages changed")
         if config.verify_checkpoints and "checksums" in meta:  # absent: written before them
             try:
-                checksums.verify(restored["state"], meta["checksums"], f"the checkpoint "
+                checksums.verify(checksums.checksums(restored["state"]), meta["checksums"],
+                                 f"the checkpoint "
                                  f"{step_dir}", advice=f"{fix}; config.verify_checkpoints="
                                  "False skips this check")
             except ValueError as err:
@@ -597,13 +586,15 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
                      "config.nonfinite='skip')")
             progress.set_postfix(_postfix(last_loss, rate, mfu))
             pending, window_start, window_steps = [], time.perf_counter(), 0
-            if saving and not bool(step_fns.finite(state)):  # never a checkpoint of NaN / inf
+        if saving:  # one pass over the state: never a checkpoint of NaN / inf; its checksums
+            summary = checksums.summarize(  # (every process computes, process 0 writes)
+                state, with_checksums=config.verify_checkpoints)
+            if summary.nonfinite:
                 progress.close()
                 raise _diverged(stage, offset, (offset + step + 1, None), manager)
-        if (step + 1) % config.checkpoint_every == 0 or last:
             meta = {"stage": stage.name, "step": step + 1, "data": feed.state()}
-            if config.verify_checkpoints:  # every process computes, process 0 writes meta
-                meta["checksums"] = checksums.checksums(state)
+            if config.verify_checkpoints:
+                meta["checksums"] = summary.checksums
             manager.save(offset + step + 1, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     progress.close()

@@ -343,3 +343,124 @@ def test_orbax_config_that_is_not_json_names_the_file(model, tmp_path):
     (tmp_path / "orbax" / "config.json").write_text("{]")
     with pytest.raises(ValueError, match=r"orbax/config.json is not valid JSON"):
         lx.load(tmp_path / "orbax")
+
+
+def test_a_tied_config_storing_only_the_head_is_a_clear_error(ckpt):
+    edit_config(ckpt, tie_word_embeddings=True)
+
+    def change(tensors):
+        tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    edit_weights(ckpt, change)
+    with pytest.raises(ValueError, match="lacks 1 tensors .*model.embed_tokens.weight"):
+        lx.from_hf(ckpt)
+
+
+def test_a_hub_cache_snapshot_with_symlinked_shards_loads(pristine, tmp_path):
+    """Hugging Face's cache: snapshots/<rev>/ holds symlinks into ../../blobs/."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    names = load_file(pristine / WEIGHTS).keys()
+    index = {"metadata": {}, "weight_map": {name: WEIGHTS for name in names}}
+    files = {"config.json": (pristine / "config.json").read_bytes(), WEIGHTS:
+             (pristine / WEIGHTS).read_bytes(),
+             "model.safetensors.index.json": json.dumps(index).encode()}
+    for i, (name, content) in enumerate(files.items()):
+        (blobs / f"blob{i}").write_bytes(content)
+        (snapshot / name).symlink_to(f"../../blobs/blob{i}")
+    np.testing.assert_array_equal(np.asarray(lx.from_hf(snapshot)(IDS)),
+                                  np.asarray(lx.from_hf(pristine)(IDS)))
+
+
+def test_orbax_round_trip_of_mixed_parameter_dtypes(model, tmp_path):
+    """bf16 kernels with f32 norms: each leaf is restored in its own dtype and verifies."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else x.astype(jnp.bfloat16),
+        model.params)
+    lx.save(lx.Model(model.config, params), tmp_path / "mixed")
+    restored = lx.load(tmp_path / "mixed").params
+    assert jax.tree.map(lambda x: x.dtype, restored) == jax.tree.map(lambda x: x.dtype, params)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# Hub config.json files as published (architecture fields), in the shapes that vary: each must
+# read, whatever older or newer layout it uses.
+HUB_CONFIGS = {
+    "Llama-3.1-8B-Instruct": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0, "head_dim": 128, "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16",
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    "Phi-3-mini-128k-instruct": {
+        "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+        "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "sliding_window": 262144, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+        "rope_scaling": {"type": "su", "rope_type": "longrope", "short_factor": [1.05] * 48,
+                         "long_factor": [1.5] * 48}},
+    "Qwen2-7B": {
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "max_position_embeddings": 131072, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 131072, "use_sliding_window": False,
+        "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151643,
+        "tie_word_embeddings": False, "rope_scaling": None},
+    "Mistral-7B-v0.3": {
+        "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0, "sliding_window": None, "head_dim": None,
+        "bos_token_id": 1, "eos_token_id": 2},
+    "llama-7b (2023 conversion)": {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "max_position_embeddings": 2048.0, "rms_norm_eps": 1e-06, "bos_token_id": 0,
+        "eos_token_id": 1, "pad_token_id": -1},
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_published_hub_configs_read(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 2023 conversion's pad_token_id -1
+        config = lx.models.config_from_hf(HUB_CONFIGS[name])
+    hf = HUB_CONFIGS[name]
+    assert (config.vocab_size, config.num_heads * config.head_dim) == (
+        hf["vocab_size"], hf["hidden_size"])
+
+
+def _train_config(init_from: pathlib.Path, **overrides):
+    from lctx_jax.train_config import default_config, stage
+    c = default_config()
+    c.init_from = str(init_from)
+    c.stages = [stage("base", seq_len=16, batch_size=2, steps=1, lr=1e-4)]
+    c.hf_overrides = overrides
+    return c
+
+
+def test_hf_overrides_can_fix_a_bad_field_but_not_change_shapes(ckpt):
+    from lctx_jax import train_config
+    edit_config(ckpt, pad_token_id=VOCAB)  # past the vocabulary: the config alone is refused
+    with pytest.raises(train_config.ConfigError, match="pad_token_id=64 is outside"):
+        train_config.validate(_train_config(ckpt))
+    fixed = _train_config(ckpt, pad_token_id=0)
+    train_config.validate(fixed)
+    config = lx.models.config_from_hf(train_config.base_hf_config(fixed))
+    assert lx.from_hf(ckpt, config=config).config.pad_token_id == 0  # the weights read with it
+    with pytest.raises(train_config.ConfigError, match="hf_overrides.vocab_size=96 changes"):
+        train_config.validate(_train_config(ckpt, pad_token_id=0, vocab_size=96))
+
+
+def test_training_from_a_tied_config_with_a_distinct_head_starts_untied(ckpt):
+    from lctx_jax import train_config
+    edit_config(ckpt, tie_word_embeddings=True)
+    edit_weights(ckpt, lambda t: t.update(
+        {"lm_head.weight": t["model.embed_tokens.weight"][::-1].copy()}))
+    with pytest.warns(UserWarning, match="reading them untied"):
+        base = train_config.base_hf_config(_train_config(ckpt))
+    assert base["tie_word_embeddings"] is False

@@ -153,8 +153,18 @@ def _corrupt_tokenizer(c, tmp_path):
     c.tokenizer = str(tmp_path / "tokenizer.model")
 
 
+def _tokenizer_without_bos(c, tmp_path):
+    import sentencepiece as spm
+    path = tmp_path / "nobos.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"line {i} of words and more words" for i in range(300)]),
+        model_prefix=str(path.with_suffix("")), vocab_size=40, bos_id=-1, minloglevel=2)
+    c.tokenizer = str(path)
+
+
 @pytest.mark.parametrize("change, message", [
     (_corrupt_tokenizer, "config.tokenizer: .*not a sentencepiece model"),
+    (_tokenizer_without_bos, "config.tokenizer: the tokenizer's bos_id is -1"),
     (lambda c, tmp: c.data.update(dataset="pg19", text_key="book_text",
                                   data_dir=str(tmp / "missing")),
      r"config.data \(dataset='pg19'.* is not prepared"),
@@ -179,7 +189,9 @@ def test_mesh_sizes_the_devices_cannot_hold_are_config_errors(workspace, tmp_pat
         return training.config_mesh(c, devices)
 
     assert mesh(one) is None  # the defaults on one device: no mesh
-    assert mesh(eight, fsdp=3, num_devices=1) is None  # one device asked for: no mesh
+    assert mesh(eight, num_devices=1) is None  # one device asked for: no mesh
+    with pytest.raises(ConfigError, match=r"fsdp=3 does not divide the 1 device.*the first 1 "):
+        mesh(eight, fsdp=3, num_devices=1)
     with pytest.raises(ConfigError, match=r"config.mesh: fsdp=3 does not divide the 1 device"):
         mesh(one, fsdp=3)
     with pytest.raises(ConfigError, match=r"fsdp=3 does not divide the 8 devices.*"
@@ -234,3 +246,28 @@ def test_unknown_or_bad_config_fields_are_one_line_with_exit_status_2(program, f
                          capture_output=True, text=True, check=False)
     assert out.returncode == 2, out.stderr
     assert named in _one_line(out.stderr, program)
+
+
+def test_a_skipped_step_returns_exactly_the_state_it_was_given():
+    """nonfinite="skip" inside the jit: a NaN loss leaves every leaf of the state (weights,
+    both Adam moments, the step counter) bit-identical; a finite step still trains."""
+    config = lx.ModelConfig.from_hf(TINY_MODEL)
+    model = lx.Model.init(config, jax.random.key(0))
+    ids = np.random.default_rng(0).integers(3, 512, (2, 17)).astype(np.int32)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+             "segment_ids": np.ones((2, 16), np.int32), "loss_mask": np.ones((2, 16), np.float32)}
+    batch = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+    schedule = training.learning_rate(1e-2, 10, 0, "constant")
+    tx = training.optimizer(ml_collections.ConfigDict(dict(
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)), schedule)
+    fns = training.make_step(model.spec, model.spec, tx, schedule, nonfinite="skip")
+    state = fns.init_state(model.params, {})
+    state, metrics = fns.train(state, {}, batch)  # one finite step: moments are non-zero now
+    assert int(metrics["skipped"]) == 0 and int(state["step"]) == 1
+    before = jax.device_get(state)
+    poisoned = dict(batch, loss_mask=batch["loss_mask"] * jnp.nan)
+    after, metrics = fns.train(state, {}, poisoned)
+    assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    for a, b in zip(jax.tree.leaves(jax.device_get(after)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
