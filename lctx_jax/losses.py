@@ -164,6 +164,8 @@ def next_token_nll(model: Model | ModelSpec, input_ids: Any, params: Any = None,
                              "holds no weights (a Model does)")
         params = model.params
     input_ids = jnp.asarray(token_ids.check(input_ids, model.config.vocab_size))
+    positions = token_ids.check_aligned(positions, input_ids.shape, "positions")
+    segment_ids = token_ids.check_aligned(segment_ids, input_ids.shape, "segment_ids")
     targets, weights = shifted_targets(input_ids, loss_mask, segment_ids)
     hidden = model.hidden(params, input_ids, positions, segment_ids)
     total, count = nll_sum(hidden, model.head(params), targets, weights,

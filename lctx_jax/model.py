@@ -249,6 +249,8 @@ class Model:
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         input_ids = token_ids.check(input_ids, self.config.vocab_size)
+        positions = token_ids.check_aligned(positions, input_ids.shape, "positions")
+        segment_ids = token_ids.check_aligned(segment_ids, input_ids.shape, "segment_ids")
         if self.mesh is None:
             return self._forward(self.params, jnp.asarray(input_ids), positions, segment_ids)
         # On a mesh: one jit per input shape with explicit in_shardings (params by the rules,

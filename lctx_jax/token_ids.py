@@ -66,6 +66,20 @@ def check(ids: Any, vocab_size: int, name: str = "input_ids", ndim: int = 2,
     return array.astype(np.int32) if isinstance(array, np.ndarray) else array.astype(jnp.int32)
 
 
+def check_aligned(values: Any, shape: tuple[int, ...], name: str) -> Any:
+    """`values` (positions or segment ids for ids of `shape`; None passes) as int32 after
+    checking that it is an integer array of that shape: float positions would be truncated,
+    a wrong length misplaced."""
+    if values is None or isinstance(values, jax.core.Tracer):
+        return values
+    array = values if isinstance(values, jax.Array) else np.asarray(values)
+    if not (np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_):
+        raise ValueError(f"{name} must be integers, got dtype {array.dtype}")
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {array.shape}; it needs input_ids' {tuple(shape)}")
+    return array.astype(np.int32) if isinstance(array, np.ndarray) else array.astype(jnp.int32)
+
+
 def assert_in_vocab(ids: jax.Array, vocab_size: int) -> None:
     """A checkify check that every id is in [0, vocab_size): run the function that calls it
     under `jax.experimental.checkify.checkify` (then `err.throw()`)."""

@@ -464,3 +464,30 @@ def test_training_from_a_tied_config_with_a_distinct_head_starts_untied(ckpt):
     with pytest.warns(UserWarning, match="reading them untied"):
         base = train_config.base_hf_config(_train_config(ckpt))
     assert base["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rms_norm_eps", -1.0, "rms_norm_eps=-1.0 must be finite and > 0"),
+    ("num_layers", 0, "num_layers=0 must be an int >= 1"),
+    ("hidden_size", 32.5, "hidden_size=32.5 must be an int >= 1"),
+    ("eos_token_id", (2, 99), "eos_token_id=99 is outside the vocabulary"),
+])
+def test_a_directly_built_config_is_checked_too(model, field, value, message):
+    import dataclasses
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        dataclasses.replace(model.config, **{field: value})
+
+
+@pytest.mark.parametrize("keyword, value, message", [
+    ("positions", np.arange(12.0)[None], "positions must be integers, got dtype float64"),
+    ("positions", np.arange(12)[None], r"positions has shape \(1, 12\); it needs input_ids' "
+                                       r"\(2, 12\)"),
+    ("segment_ids", np.ones((2, 10), np.int32), r"segment_ids has shape \(2, 10\)"),
+])
+def test_positions_and_segment_ids_are_checked_at_the_host(model, keyword, value, message):
+    for call in (lambda **kw: model(IDS, **kw), lambda **kw: lx.next_token_nll(model, IDS, **kw)):
+        with pytest.raises(ValueError, match=message):
+            call(**{keyword: value})
+    positions = np.tile(np.arange(12), (2, 1))
+    np.testing.assert_array_equal(np.asarray(model(IDS, positions=positions)),
+                                  np.asarray(model(IDS)))

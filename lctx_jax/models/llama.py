@@ -19,6 +19,7 @@ one-token decode step has nothing to split along "sequence" anyway.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
@@ -74,9 +75,25 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        """The checks that hold however the config is built (`from_hf` checks config.json's
+        fields first, under their transformers names)."""
         if self.model_type not in self.ARCHITECTURES:
             raise ValueError(f"model_type {self.model_type!r} is not one of this config "
                              f"class's: {', '.join(self.ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r} must be an int >= 1")
+        if not 0 < self.rms_norm_eps < math.inf:
+            raise ValueError(f"ModelConfig.rms_norm_eps={self.rms_norm_eps} must be finite and "
+                             "> 0")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+        for name, token in (("bos_token_id", self.bos_token_id), ("pad_token_id",
+                            self.pad_token_id), *(("eos_token_id", t) for t in eos)):
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name}={token} is outside the vocabulary [0, "
+                                 f"{self.vocab_size})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_kv_heads})")
