@@ -79,7 +79,7 @@ def abstract_params(config: Any, param_dtype: Any, mesh: Any) -> Any:
 
 
 def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32,
-         attention: str = "xla", remat: str = "none", verify: bool = True,
+         attention: str | None = None, remat: str = "none", verify: bool = True,
          check_finite: bool = True) -> Model:
     """Restores a Model saved by `save`; with a mesh, every parameter is restored straight into
     its sharding by the rules (`lctx_jax.sharding.param_shardings`): each device reads only
@@ -89,7 +89,8 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = jnp.float32
     parameters on device) and raise ValueError naming any that differ; False skips it (for
     speed). Checkpoints saved before manifests existed load unverified.
     check_finite: a parameter holding NaN or inf is a ValueError naming it (False: load it
-    anyway)."""
+    anyway). attention: as `Model`'s (default "infini" for an Infini-attention model, else
+    "xla")."""
     path = paths.as_path(ckpt_dir)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")

@@ -15,11 +15,13 @@ Config fields (`default_config`):
   original_length    L, the window the checkpoints were trained at
   lengths            evaluated lengths (tokens)
   methods            names from lctx_jax.methods.METHODS, plus "longrope" (searched factors)
-  settings           list of {name, checkpoint, rope}: checkpoint is a directory (HF or
-                     lctx_jax), "{method}" in it is replaced by the method name; rope
+  settings           list of {name, checkpoint, rope, methods}: checkpoint is a directory (HF
+                     or lctx_jax), "{method}" in it is replaced by the method name; rope
                      "per_length" puts each method on the checkpoint with factor = length / L
-                     (no fine-tuning), "checkpoint" keeps the RoPE the checkpoint was trained
-                     with (each method's own fine-tuned model)
+                     (no fine-tuning), "checkpoint" keeps the RoPE (or Infini-attention) the
+                     checkpoint was trained with (each method's own fine-tuned model);
+                     methods: this setting's rows instead of config.methods (with rope
+                     "checkpoint" any names: they only label rows and fill "{method}")
   perplexity         mode ("truncate" | "sliding"), documents (how many, each >= max length
                      tokens), stride (sliding), batch_size
   passkey            enabled, depths, trials, style ("prose" | "python"), seed, batch_size
@@ -67,8 +69,21 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def setting(name: str, checkpoint_dir: str, rope: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name=name, checkpoint=checkpoint_dir, rope=rope))
+def setting(name: str, checkpoint_dir: str, rope: str, methods: tuple[str, ...] = ()
+            ) -> ml_collections.ConfigDict:
+    """One row group of the report; `methods` () means config.methods."""
+    return ml_collections.ConfigDict(dict(name=name, checkpoint=checkpoint_dir, rope=rope,
+                                          methods=tuple(methods)))
+
+
+def _methods(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> tuple:
+    return tuple(s.get("methods") or config.methods)
+
+
+def _searches(config: ml_collections.ConfigDict) -> bool:
+    """Whether some setting puts LongRoPE's searched factors on its checkpoint."""
+    return any("longrope" in _methods(config, s) for s in config.settings
+               if s.rope == "per_length")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -92,14 +107,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for i, s in enumerate(config.settings):
         if s.rope not in ROPE_MODES:
             raise ConfigError(f"config.settings[{i}].rope={s.rope!r}; use one of {ROPE_MODES}")
-        for method in config.methods:
+        bad = [m for m in _methods(config, s) if m not in known]
+        if s.rope == "per_length" and bad:
+            raise ConfigError(f"config.settings[{i}].methods: {bad} unknown; use names from "
+                              f"{known}")
+        for method in _methods(config, s):
             path = _checkpoint_dir(s, method)
             if not (path / "config.json").is_file():
                 missing.append(str(path))
     if missing:
         raise ConfigError(f"checkpoints not found: {sorted(set(missing))}; train them first "
                           "(see the config's docstring for the commands) or drop the method")
-    if "longrope" in config.methods and not config.search.enabled and not all(
+    if _searches(config) and not config.search.enabled and not all(
             _factors_file(config, n).is_file() for n in _search_lengths(config)):
         raise ConfigError("config.methods has 'longrope' but config.search.enabled is False and "
                           f"no searched factors are in {pathlib.Path(config.out_dir) / 'search'}")
@@ -109,7 +128,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Search, perplexity and passkey for every setting × method × length; writes the report."""
     validate(config)
     out_dir = pathlib.Path(config.out_dir).expanduser()
-    first = _checkpoint_dir(config.settings[0], config.methods[0])
+    first = _checkpoint_dir(config.settings[0], _methods(config, config.settings[0])[0])
     tokenizer = data.load_tokenizer(config.tokenizer or first)
     longest = max(config.lengths)
     documents = _long_documents(config, tokenizer, config.data.split, longest,
@@ -119,10 +138,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "methods": list(config.methods), "perplexity": plain(config.perplexity),
         "passkey": plain(config.passkey), "search": plain(config.search),
         "documents": len(documents)}}
-    searched = _searched_factors(config, tokenizer) if "longrope" in config.methods else {}
+    searched = _searched_factors(config, tokenizer) if _searches(config) else {}
     for s in config.settings:
         results["perplexity"][s.name], results["passkey"][s.name] = {}, {}
-        for method in config.methods:
+        for method in _methods(config, s):
             checkpoint_model = _load(_checkpoint_dir(s, method), jnp.dtype(config.dtype))
             ppl, passkey = {}, []
             for length in config.lengths:

@@ -28,7 +28,8 @@ from safetensors.numpy import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from lctx_jax import models, paths, sharding
-from lctx_jax.model import Model
+from lctx_jax.attention.infini import InfiniConfig
+from lctx_jax.model import Model, ModelSpec
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 MAX_SHARD_BYTES = 5 * 2**30
@@ -234,9 +235,10 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
-            rope_scaling: Mapping[str, Any] | None = None, attention: str = "xla",
+            rope_scaling: Mapping[str, Any] | None = None, attention: str | None = None,
             mesh: Any = None, param_dtype: Any = None, remat: str = "none",
-            progress: bool = False, check_finite: bool = True, config: Any = None) -> Model:
+            progress: bool = False, check_finite: bool = True, config: Any = None,
+            infini: Mapping[str, Any] | None = None) -> Model:
     """A Model from a transformers checkpoint directory (config.json + *.safetensors).
 
     dtype: compute dtype. param_dtype: storage dtype, default the one transformers loads
@@ -249,6 +251,10 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     hf_overrides); its tensor shapes must be the checkpoint's.
     rope_scaling: a context-extension method put on the checkpoint, e.g.
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}.
+    attention: as `Model`'s (default: "infini" for an Infini-attention checkpoint, else
+    "xla"). attention="infini" with infini={"segment_len": N, "update": "linear" | "delta",
+    "gate_init": β0} puts Infini-attention on any LLaMA-family checkpoint (its gates start at
+    gate_init); on an Infini-attention checkpoint `infini` overrides its stored settings.
     mesh: a Mesh from `lctx_jax.make_mesh`: every parameter is split by the sharding rules
     (`lctx_jax.sharding`). Each leaf is built on the host once and each device receives only
     its own shard (`jax.make_array_from_callback`); the host copy is dropped before the next
@@ -261,20 +267,43 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     elif rope_scaling is not None:
         raise ValueError("from_hf takes config= or rope_scaling=, not both: put the scaling on "
                          "the config (config.with_rope_scaling)")
+    if attention == "infini" or infini is not None:
+        if attention not in (None, "infini"):
+            raise ValueError(f"infini settings were given with attention={attention!r}; use "
+                             "attention='infini'")
+        if not hasattr(config, "with_infini"):
+            raise ValueError(f"a {config.model_type} model has no Infini-attention option")
+        config = config.with_infini(InfiniConfig.over(config.infini, infini))
+    spec = ModelSpec(config, dtype, attention, remat, mesh)  # refuses a bad combination now
     reader = SafetensorsReader(path, check_finite)
     param_dtype = reader.default_dtype(hf) if param_dtype is None else param_dtype
     rules = models.family_of(config).sharding_rules
+    stored_config = _as_stored(reader, config)
     params: dict = {}
-    for leaf_path, host in iter_params_from_hf(reader, config, param_dtype, progress):
+    for leaf_path, host in iter_params_from_hf(reader, stored_config, param_dtype, progress):
         if mesh is None:
             value = jax.device_put(host)
         else:
-            spec = sharding.param_spec("/".join(leaf_path), host.shape, mesh, rules,
-                                       config.head_dim)
-            value = sharding.place(host, jax.sharding.NamedSharding(mesh, spec))
+            leaf_spec = sharding.param_spec("/".join(leaf_path), host.shape, mesh, rules,
+                                            config.head_dim)
+            value = sharding.place(host, jax.sharding.NamedSharding(mesh, leaf_spec))
         del host  # the device copy is all that is kept
         _set(params, leaf_path, value)
-    return Model(config, params, dtype=dtype, attention=attention, remat=remat, mesh=mesh)
+    if stored_config is not config:
+        params = spec.complete_params(params, jax.random.key(0))
+    return Model.of(spec, params)
+
+
+def _as_stored(reader: SafetensorsReader, config: Any) -> Any:
+    """The config whose tensors the checkpoint holds: `config`, or for an Infini-attention
+    config over a checkpoint without its gates (any LLaMA-family one) the config without
+    Infini-attention (the gates are then initialised, `ModelSpec.complete_params`)."""
+    if getattr(config, "infini", None) is None:
+        return config
+    layout = models.family_of(config).hf_layout
+    plain = config.with_infini(None)
+    gates = set(layout(config)) - set(layout(plain))
+    return config if gates & reader.names() else plain
 
 
 # ----------------------------------------------------------------------------- writing

@@ -352,6 +352,61 @@ def passkey_accuracy(model: Model, tokenizer: Tokenizer, lengths: Sequence[int],
             "style": style, "examples": examples}
 
 
+class PasskeyBatches:
+    """Endless iterator of passkey-retrieval training batches (the Infini-attention paper's
+    fine-tune on passkey inputs): rows of exactly seq_len + 1 tokens, `passkey_prompt` of a
+    random 5-digit key at a random depth followed by the key as its answer. Each batch:
+    input_ids, targets, positions, segment_ids int32 and loss_mask float32 [batch_size,
+    seq_len] (as `lctx_jax.data.PackedBatches`), the loss on the answer's tokens only.
+
+    Row r of batch i draws from np.random.default_rng([seed, shard_index, i, r]), so a resumed
+    stream (`set_state`) continues exactly. style: as `passkey_prompt`'s.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
+                 shard_index: int = 0, style: str = "prose"):
+        if style not in PASSKEY_STYLES:
+            raise ValueError(f"style must be one of {list(PASSKEY_STYLES)}, got {style!r}")
+        self._tokenizer, self.seq_len, self.batch_size, self.style = (tokenizer, seq_len,
+                                                                     batch_size, style)
+        self._encode = _piece_encoder(tokenizer, PASSKEY_STYLES[style].prose)
+        self._key = {"seed": int(seed), "shard_index": int(shard_index)}
+        self._batch = 0
+        self._row(0, 0)  # a seq_len too short for the prompt fails here, not mid-training
+
+    def _row(self, batch: int, row: int) -> tuple[np.ndarray, int]:
+        """(the row's seq_len + 1 tokens, how many of them are the answer)."""
+        rng = np.random.default_rng([self._key["seed"], self._key["shard_index"], batch, row])
+        key = int(rng.integers(10_000, 100_000))
+        answer = self._encode(("" if PASSKEY_STYLES[self.style].prose else " ") + str(key))
+        prompt = passkey_prompt(self._tokenizer, self.seq_len + 1 - len(answer),
+                                float(rng.uniform()), key, self.style)
+        return np.asarray([*prompt.ids, *answer], np.int32), len(answer)
+
+    def __iter__(self) -> "PasskeyBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows, answers = zip(*(self._row(self._batch, r) for r in range(self.batch_size)))
+        self._batch += 1
+        w = np.stack(rows)  # [batch_size, seq_len + 1]
+        index = np.arange(self.seq_len)
+        scored = index[None, :] >= self.seq_len - np.asarray(answers)[:, None]
+        return {"input_ids": w[:, :-1], "targets": w[:, 1:],
+                "positions": np.broadcast_to(index, w[:, 1:].shape).astype(np.int32),
+                "segment_ids": np.ones_like(w[:, 1:]), "loss_mask": scored.astype(np.float32)}
+
+    def get_state(self) -> dict[str, int]:
+        return {"batch": self._batch, **self._key}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        if set(state) != {"batch", *self._key} or any(state[k] != v
+                                                      for k, v in self._key.items()):
+            raise ValueError(f"state {state} is not a passkey stream of {self._key}: pass a "
+                             "dict returned by get_state() of the same seed and shard")
+        self._batch = int(state["batch"])
+
+
 def _greedy_answers(model: Model, prompts: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """The generated ids [_ANSWER_TOKENS] of each prompt row (rows of equal length)."""
     batch = min(batch_size, len(prompts))

@@ -28,6 +28,13 @@ of *their* seq_len. Per method:
                are stale. `use_cache=False` recomputes the whole sequence for every token:
                exactly a full forward per step, at O((P + N)²) per token.
   others       the rotation does not depend on seq_len: cached decoding is exact.
+Infini-attention models carry per layer the memory (M, z) and one segment of local KV cache
+(`lctx_jax.attention.infini.stream`) instead of a cache of every token, so the decode state has
+the same size whatever the prompt. Their segments are cut by column, so decoding equals a full
+forward over the padded batch token for token (the local rotation has a fixed seq_len, the
+segment, and LongRoPE's refresh does not apply); but a left-padded row's segments start at
+its first column, not its first real token, so unlike the above it is not computed as if it
+were alone: batch prompts of one length (passkey evaluation does) or generate row by row.
 Because seq_len is batch-wide, rows of different lengths share one dynamic-NTK base / LongRoPE
 factor set, as in transformers; with length-independent methods rows never interact.
 """
@@ -203,7 +210,7 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
 
         if not use_cache:
             return refresh(cache)
-        if c.rope is not None and c.rope.rope_type == "longrope":
+        if c.rope is not None and c.rope.rope_type == "longrope" and c.infini is None:
             # the one step whose seq_len = max(lengths) + step first exceeds the original length
             switch = c.rope.original_max_position_embeddings + 1 - jnp.max(lengths)
             return jax.lax.cond(step == switch, refresh, decode, cache)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lctx_jax.attention import attend
+from lctx_jax.attention import attend, infini as infini_lib
 from lctx_jax.rope import RopeArrays, RopeConfig
 
 REMAT_POLICIES = {
@@ -116,7 +116,8 @@ def swiglu(dense: Dense, x: jax.Array, intermediate_size: int, bias: bool = Fals
 def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None, *,
                    num_heads: int, num_kv_heads: int, head_dim: int, rope: RopeConfig | None,
                    impl: str, dtype: Any, mesh: Any = None, qkv_bias: bool = False,
-                   o_bias: bool = False, window: int | None = None
+                   o_bias: bool = False, window: int | None = None,
+                   infini: infini_lib.InfiniConfig | None = None, gate: jax.Array | None = None
                    ) -> tuple[jax.Array, dict | None]:
     """Grouped-query self-attention with its decode-state write: x [B·T or B, T, H] ->
     (o(attend(q, k, v)) shaped like x, cache).
@@ -127,11 +128,25 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
     un-rotated) gets this call's k, v at slot ctx.cache_index, and attention runs over all S
     cached keys with ctx.kv_positions / kv_segment_ids. Cached calls use "xla" when `impl` is
     self-attention only ("ring", "s2": LongLoRA evaluates and generates with full attention).
+
+    infini (with `gate` [Hq], the layer's gate logits): Infini-attention instead
+    (`lctx_jax.attention.infini`): segments of infini.segment_len tokens by index, the local
+    path rotated at the index inside its segment (ctx.positions are not used), segment ids
+    separating packed documents; `cache` is then the infini decode state (`infini.stream`).
     """
     b, t = ctx.positions.shape
     q = dense(num_heads * head_dim, "q", qkv_bias)(x).reshape(b, t, num_heads, head_dim)
     k = dense(num_kv_heads * head_dim, "k", qkv_bias)(x).reshape(b, t, num_kv_heads, head_dim)
     v = dense(num_kv_heads * head_dim, "v", qkv_bias)(x).reshape(b, t, num_kv_heads, head_dim)
+    rope = rope if ctx.rope is None else ctx.rope
+    if infini is not None:
+        if cache is None:
+            out = infini_lib.attend(q, k, v, gate, infini.segment_len, infini.update, rope,
+                                    segment_ids=ctx.segment_ids)
+        else:
+            out, cache = infini_lib.stream(q, k, v, gate, infini, rope, cache, ctx.cache_index,
+                                           ctx.segment_ids)
+        return dense(x.shape[-1], "o", o_bias)(out.reshape(*x.shape[:-1], -1)), cache
     if cache is not None:
         start = (0, ctx.cache_index, 0, 0)
         k, v = (jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start)
@@ -140,7 +155,7 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
         if impl in ("ring", "s2"):
             impl = "xla"
     out = attend(q, k.astype(dtype), v.astype(dtype), impl=impl, causal=True,
-                 segment_ids=ctx.segment_ids, rope=rope if ctx.rope is None else ctx.rope,
+                 segment_ids=ctx.segment_ids, rope=rope,
                  positions=ctx.positions, mesh=mesh, kv_positions=ctx.kv_positions,
                  kv_segment_ids=ctx.kv_segment_ids, window=window)
     return dense(x.shape[-1], "o", o_bias)(out.reshape(*x.shape[:-1], -1)), cache

@@ -99,15 +99,19 @@ def merge(params: Tree, lora: Tree, config: LoraConfig) -> Tree:
     return {**params, "layers": layers}
 
 
+ALWAYS_TRAINED = ("infini_gate",)  # leaves a checkpoint never has: Infini-attention's gates
+
+
 def trainable_mask(params: Tree, config: LoraConfig | None) -> Tree:
     """bool tree shaped like params: True for the base weights that train. With LoRA, those
     `config.trainable` names ("embed" → embed/embedding, "norm" → every RMSNorm scale,
-    "lm_head" → lm_head/kernel, absent with tied embeddings); with None (full fine-tuning),
-    all."""
+    "lm_head" → lm_head/kernel, absent with tied embeddings) and the ALWAYS_TRAINED leaves;
+    with None (full fine-tuning), all."""
     flat = traverse_util.flatten_dict(params)
     if config is None:
         return traverse_util.unflatten_dict({path: True for path in flat})
-    return traverse_util.unflatten_dict({path: _kind(path) in config.trainable for path in flat})
+    return traverse_util.unflatten_dict({
+        path: _kind(path) in config.trainable or path[-1] in ALWAYS_TRAINED for path in flat})
 
 
 def _kind(path: tuple[str, ...]) -> str | None:

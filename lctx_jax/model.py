@@ -19,18 +19,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from lctx_jax import layers, models, sharding, token_ids
 from lctx_jax.lora import LoraConfig
 from lctx_jax.models.llama import ModelConfig  # noqa: F401  (lx.ModelConfig)
 from lctx_jax.rope import RopeArrays
 
+INFINI = "infini"  # the attention of Infini-attention models (lctx_jax.attention.infini)
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelSpec:
     """How to run a family's decoder, without its weights.
 
     dtype: compute dtype; parameters keep theirs (bf16 checkpoints stay bf16 in memory).
-    attention: "xla" | "flash" | "ring" | "s2" (see lctx_jax.attention.attend).
+    attention: "xla" | "flash" | "ring" | "s2" (see lctx_jax.attention.attend), or "infini"
+    for a config with Infini-attention settings (`config.infini`, lctx_jax.attention.infini),
+    which the other values refuse.
     remat: "none" | "full" | "dots" — activation checkpointing policy per layer.
     mesh: a Mesh from `lctx_jax.make_mesh`, or None: parameters are placed by the family's
     sharding rules (`param_shardings`), activations split over batch and sequence.
@@ -39,15 +44,29 @@ class ModelSpec:
 
     config: Any
     dtype: Any = jnp.float32
-    attention: str = "xla"
+    attention: str | None = None  # None: `default_attention(config)`
     remat: str = "none"
     mesh: Any = None
     lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.attention is None:
+            object.__setattr__(self, "attention", default_attention(self.config))
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"remat must be one of {list(layers.REMAT_POLICIES)}, got "
                              f"{self.remat!r}")
+        infini = getattr(self.config, "infini", None)
+        if (self.attention == INFINI) != (infini is not None):
+            raise ValueError(
+                f"attention={self.attention!r} with a config whose infini is {infini}: an "
+                "Infini-attention model (config.infini set, e.g. an lctx_infini checkpoint) "
+                "runs with attention='infini' only, and attention='infini' needs the settings: "
+                "from_hf(path, attention='infini', infini={'segment_len': 2048})")
+        if infini is not None and self.mesh is not None and self.mesh.shape.get(
+                sharding.SEQUENCE_AXIS, 1) > 1:
+            raise ValueError("Infini-attention runs its segments in order: it cannot split a "
+                             "sequence over the mesh axis 'sequence'; use sequence=1 (split "
+                             "batch, fsdp and tensor instead)")
         if self.lora is not None and not set(self.lora.targets) <= set(
                 self.family.lora_targets):
             raise ValueError(f"LoRA targets {self.lora.targets} are not all projections of "
@@ -95,8 +114,36 @@ class ModelSpec:
     def _init_module(self, param_dtype: Any) -> Any:
         """The decoder that creates the parameters: plain attention on one token, no mesh
         (the parameters do not depend on how attention runs)."""
-        plain = dataclasses.replace(self, attention="xla", remat="none", mesh=None, lora=None)
+        plain = dataclasses.replace(self, attention=default_attention(self.config),
+                                    remat="none", mesh=None, lora=None)
         return plain.module(param_dtype)
+
+    def complete_params(self, params: Any, rng: jax.Array) -> Any:
+        """`params` with the leaves this spec's parameter tree has and they lack (e.g. the
+        gates Infini-attention adds to a LLaMA checkpoint) freshly initialised, each in the
+        dtype of the others; every leaf both have must agree in shape."""
+        flat = traverse_util.flatten_dict(params)
+        dtype = jax.tree.leaves(params)[0].dtype
+        wanted = traverse_util.flatten_dict(self.abstract_params(dtype))
+        if set(flat) - set(wanted):
+            raise ValueError(f"parameters {sorted('/'.join(p) for p in set(flat) - set(wanted))}"
+                             " are not part of this model")
+        for path in flat:
+            if flat[path].shape != wanted[path].shape:
+                raise ValueError(f"parameter {'/'.join(path)} has shape {flat[path].shape}; "
+                                 f"this model needs {wanted[path].shape}")
+        missing = [path for path in wanted if path not in flat]
+        if not missing:
+            return params
+        module, ids = self._init_module(dtype), jnp.zeros((1, 1), jnp.int32)
+
+        def init(rng: jax.Array) -> list:  # XLA drops the initialisers of the other leaves
+            tree = traverse_util.flatten_dict(module.init(rng, ids, _context(ids))["params"])
+            return [tree[path] for path in missing]
+
+        shardings = [wanted[path].sharding for path in missing]
+        fresh = jax.jit(init, out_shardings=shardings)(rng)
+        return traverse_util.unflatten_dict({**flat, **dict(zip(missing, fresh))})
 
     def shardings_of(self, params_or_shapes: Any) -> Any:
         """NamedSharding tree of a parameter tree (or of an optimizer state mirroring it) by the
@@ -168,6 +215,12 @@ class ModelSpec:
         return self.module(param_dtype).apply(variables, input_ids, ctx, logits=logits)[0]
 
 
+def default_attention(config: Any) -> str:
+    """The attention a config runs with unless told otherwise: "infini" for an
+    Infini-attention config, else "xla"."""
+    return INFINI if getattr(config, "infini", None) is not None else "xla"
+
+
 def _context(ids: jax.Array) -> layers.Context:
     return layers.Context(layers.default_positions(ids), None, None, None, None)
 
@@ -182,7 +235,7 @@ class Model:
     """
 
     def __init__(self, config: Any, params: Any, dtype: Any = jnp.float32,
-                 attention: str = "xla", remat: str = "none", mesh: Any = None,
+                 attention: str | None = None, remat: str = "none", mesh: Any = None,
                  lora: LoraConfig | None = None) -> None:
         self.spec = ModelSpec(config, dtype, attention, remat, mesh, lora)
         self.params = params

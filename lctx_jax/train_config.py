@@ -29,7 +29,9 @@ Fields (see `default_config` for defaults):
                      (0: all; N: the first N); sizes the devices cannot hold are an error;
                      a 1-device mesh runs without one
   optimizer          AdamW b1, b2, eps, weight_decay (kernels and embeddings only), grad_clip
-                     (global norm; 0 = off), min_lr_ratio (floor of linear / cosine decay)
+                     (global norm; 0 = off), min_lr_ratio (floor of linear / cosine decay);
+                     gate_lr, gate_weight_decay: the peak learning rate and weight decay of
+                     Infini-attention's gate logits (same schedule shape as the stage's)
   lora               rank (0 = full fine-tuning), alpha, targets, trainable (LongLoRA's LoRA+)
   nonfinite          "stop" (default): a NaN / inf loss or gradient norm stops the run with an
                      error, before any checkpoint of it is written; "skip": such a step leaves
@@ -52,7 +54,9 @@ from etils import epath
 
 from lctx_jax import architectures, convert, paths
 from lctx_jax.attention import IMPLEMENTATIONS
+from lctx_jax.attention.infini import InfiniConfig
 from lctx_jax.lora import LoraConfig
+from lctx_jax.model import INFINI
 from lctx_jax import models
 from lctx_jax.layers import REMAT_POLICIES
 
@@ -60,7 +64,9 @@ SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE = ("stop", "skip")
 STAGE_FIELDS = ("name", "seq_len", "batch_size", "steps", "lr", "warmup_steps", "schedule",
-                "rope_scaling", "attention", "grad_accum", "min_doc_tokens")
+                "rope_scaling", "attention", "grad_accum", "min_doc_tokens", "infini", "task")
+TASKS = ("text", "passkey-prose", "passkey-python")
+ATTENTION = (*IMPLEMENTATIONS, INFINI)
 
 
 class ConfigError(ValueError):
@@ -95,7 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1,
                                             num_devices=0))
     c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                                                 grad_clip=1.0, min_lr_ratio=0.0))
+                                                 grad_clip=1.0, min_lr_ratio=0.0,
+                                                 gate_lr=1e-2, gate_weight_decay=0.0))
     c.nonfinite = "stop"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o"),
                                             trainable=("embed", "norm")))
@@ -115,8 +122,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
           warmup_steps: Any = 0, schedule: str = "constant", rope_scaling: Any = None,
-          attention: str = "xla", grad_accum: Any = 1, min_doc_tokens: Any = 0
-          ) -> ml_collections.ConfigDict:
+          attention: str = "xla", grad_accum: Any = 1, min_doc_tokens: Any = 0,
+          infini: Any = None, task: str = "text") -> ml_collections.ConfigDict:
     """One training stage. Values may be `config.get_ref(...)` references, so a top-level
     field (e.g. `--config.pretrain_steps=50`) can drive a stage from the command line.
 
@@ -124,6 +131,12 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     file holding one (e.g. LongRoPE factors written by the search).
     batch_size: sequences per optimizer step over all hosts; grad_accum splits it into that
     many micro-batches. min_doc_tokens: train only on documents at least this long.
+    attention: an impl of `lctx_jax.attention.attend`, or "infini" with `infini` = {"segment_len":
+    N, "update": "linear" | "delta", "gate_init": β0} (over the settings of a model that has
+    them already; its gates train at config.optimizer.gate_lr).
+    task: "text" (packed documents) or "passkey-prose" / "passkey-python" (passkey-retrieval
+    prompts of seq_len tokens in that style with the loss on the answer only,
+    `lctx_jax.evaluation.PasskeyBatches`: the Infini-attention paper's fine-tune).
     """
     out = ml_collections.ConfigDict()
     out.name = name
@@ -137,6 +150,8 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     out.attention = attention
     out.grad_accum = grad_accum
     out.min_doc_tokens = min_doc_tokens
+    out.infini = infini
+    out.task = task
     return out
 
 
@@ -258,6 +273,10 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
     names = [plain(s.name) for s in stages]
     for i, s in enumerate(stages):
         _validate_stage(s, f"config.stages[{i}]", base)
+        try:
+            with_infini(config, i, model)
+        except ValueError as err:
+            raise ConfigError(f"config.stages[{i}]: {err}") from err
         window = getattr(model, "sliding_window", None)
         if window is not None and s.seq_len > window and "sliding_window" not in (
                 config.hf_overrides):
@@ -307,8 +326,13 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> Non
         raise ConfigError(f"{field}.warmup_steps={s.warmup_steps} must be in [0, steps={s.steps}]")
     if s.schedule not in SCHEDULES:
         raise ConfigError(f"{field}.schedule={s.schedule!r}; use one of {SCHEDULES}")
-    if s.attention not in IMPLEMENTATIONS:
-        raise ConfigError(f"{field}.attention={s.attention!r}; use one of {IMPLEMENTATIONS}")
+    if s.attention not in ATTENTION:
+        raise ConfigError(f"{field}.attention={s.attention!r}; use one of {ATTENTION}")
+    if s.task not in TASKS:
+        raise ConfigError(f"{field}.task={s.task!r}; use one of {TASKS}")
+    if s.infini is not None and s.attention != INFINI:
+        raise ConfigError(f"{field}.infini is set but {field}.attention={s.attention!r}; use "
+                          "attention='infini' with it")
     if s.attention == "s2" and s.seq_len % 8:
         raise ConfigError(f"{field}.seq_len={s.seq_len}: S²-Attn (attention='s2') splits a "
                           "sequence into 4 groups of even size, so seq_len must be a multiple "
@@ -320,9 +344,31 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> Non
         raise ConfigError(f"{field}.min_doc_tokens={s.min_doc_tokens} must be >= 0")
     scaling = rope_scaling_dict(s.rope_scaling, f"{field}.rope_scaling")
     try:
-        models.config_from_hf(base, scaling)
+        model = models.config_from_hf(base, scaling)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{field}.rope_scaling: {err}") from err
+
+
+
+def with_infini(config: ml_collections.ConfigDict, index: int, model: Any) -> Any:
+    """`model` (the base architecture, a family config) as stage `index` trains it: with
+    Infini-attention if that stage's attention is "infini", its settings the base model's
+    with each earlier infini stage's `infini` put over them in turn. ValueError for a stage
+    that would drop Infini-attention from a model that has it."""
+    stored = getattr(model, "infini", None)
+    settings = None
+    for i in range(index + 1):
+        s = config.stages[i]
+        if s.attention != INFINI:
+            if stored is not None or settings is not None:
+                raise ValueError(f"attention={s.attention!r}, but the model has Infini-"
+                                 "attention from the checkpoint or an earlier stage: its "
+                                 "stages use attention='infini'")
+            continue
+        if not hasattr(model, "with_infini"):
+            raise ValueError(f"a {model.model_type} model has no Infini-attention option")
+        settings = InfiniConfig.over(settings or stored, plain(s.infini))
+    return model if settings is None else model.with_infini(settings)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:

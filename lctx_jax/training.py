@@ -74,6 +74,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, models, paths, sharding
 from lctx_jax import checksums
+from lctx_jax import evaluation, train_config
 from lctx_jax.model import Model, ModelSpec
 from lctx_jax.train_config import (ConfigError, InputNotFound, TrainingDiverged,
                                    base_hf_config, fingerprint, lora_config, plain,
@@ -118,12 +119,29 @@ def decay_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, tree)
 
 
-def optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule
-              ) -> optax.GradientTransformation:
+GATE_LEAVES = ("infini_gate",)  # Infini-attention's gate logits: their own lr and decay
+
+
+def gate_labels(tree: Any) -> Any:
+    """"gate" for Infini-attention's gate logits (by leaf name), "other" elsewhere."""
+    def label(path: tuple, _: Any) -> str:
+        last = path[-1]
+        return "gate" if getattr(last, "key", None) in GATE_LEAVES else "other"
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+
+def optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+              gate_schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW; weight decay on kernels and embeddings only
-    (`decay_mask`)."""
+    (`decay_mask`). gate_schedule: Infini-attention's gates get their own AdamW at this
+    learning rate with weight decay opt.gate_weight_decay (`gate_labels`): at the model's lr
+    a gate started at 0 barely moves (the pitfall REFERENCES.md records)."""
     adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                         weight_decay=opt.weight_decay, mask=decay_mask)
+    if gate_schedule is not None:
+        gates = optax.adamw(gate_schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                            weight_decay=opt.gate_weight_decay)
+        adamw = optax.multi_transform({"gate": gates, "other": adamw}, gate_labels)
     if not opt.grad_clip:
         return adamw
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
@@ -429,7 +447,8 @@ def _start_model(config: ml_collections.ConfigDict, previous: epath.Path | None,
         model = convert.from_hf(paths.as_path(config.init_from), mesh=mesh,  # hf_overrides
                                 param_dtype=param_dtype, progress=True, config=model_config)
     params = jax.tree.map(lambda x: x.astype(param_dtype), model.params)
-    return Model(model_config, params, mesh=mesh)
+    spec = ModelSpec(model_config, mesh=mesh)  # new leaves (Infini gates) get their init
+    return Model.of(spec, spec.complete_params(params, jax.random.key(config.seed)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,10 +474,11 @@ class StagePlan:
 
 def stage_model_config(config: ml_collections.ConfigDict, index: int, base_hf: dict
                        ) -> Any:
-    """The architecture with stage `index`'s RoPE scaling."""
+    """The architecture with stage `index`'s RoPE scaling (and Infini-attention settings)."""
     scaling = rope_scaling_dict(config.stages[index].rope_scaling,
                                 f"config.stages[{index}].rope_scaling")
-    return models.config_from_hf(base_hf, scaling)
+    model_config = models.config_from_hf(base_hf, scaling)
+    return train_config.with_infini(config, index, model_config)
 
 
 def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Any,
@@ -475,7 +495,11 @@ def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Any,
     mask = lora_lib.trainable_mask(shapes, lora)
     schedule = learning_rate(stage.lr, stage.steps, stage.warmup_steps, stage.schedule,
                              config.optimizer.min_lr_ratio)
-    tx = optimizer(config.optimizer, schedule)
+    gate_schedule = None
+    if getattr(model_config, "infini", None) is not None:
+        gate_schedule = learning_rate(config.optimizer.gate_lr, stage.steps, stage.warmup_steps,
+                                      stage.schedule, config.optimizer.min_lr_ratio)
+    tx = optimizer(config.optimizer, schedule, gate_schedule)
     state_shardings = None
     if mesh is not None:
         trainable, _ = lora_lib.split(shapes, mask)
@@ -688,6 +712,11 @@ class _Feed:
         self.shape = (accum, stage.batch_size // stage.grad_accum, stage.seq_len)
         self.sharding = batch_sharding
         self.rows, self.shard, shards = host_part(batch_sharding, self.shape)
+        if stage.task != "text":  # "passkey-<style>"
+            self.batches = evaluation.PasskeyBatches(
+                tokenizer, stage.seq_len, accum * len(self.rows), seed, shard_index=self.shard,
+                style=stage.task.split("-", 1)[1])
+            return
         self.batches = data.PackedBatches(
             documents, tokenizer, stage.seq_len, accum * len(self.rows), seed,
             shard_index=self.shard, shard_count=shards, min_tokens=stage.min_doc_tokens)

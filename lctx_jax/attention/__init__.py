@@ -3,7 +3,9 @@
 Implementations (one module each, the same contract: un-rotated q and k, `rope` and positions,
 the mask's pieces): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with RoPE fused in,
 ./flash.py), "ring" (sequence parallel over a mesh, ./ring.py), "s2" (LongLoRA's shifted sparse
-attention for training, ./s2.py). Shared math: which keys a query sees and which blocks can be
+attention for training, ./s2.py). Infini-attention (./infini.py, `infini.attend`) is its own
+function: a segment recurrence with a gate and a memory, not another way to compute softmax
+attention; models select it with attention="infini". Shared math: which keys a query sees and which blocks can be
 skipped (./masks.py), the online softmax and its backward (./online_softmax.py), and the
 rotation of q and k (`rotate_qk`, defined in lctx_jax.rope; "flash" rotates in-kernel with the
 same `rope.rotation`).
@@ -19,12 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from lctx_jax import rope as rope_lib
-from lctx_jax.attention import flash, masks, online_softmax, ring, s2, xla
+from lctx_jax.attention import flash, infini, masks, online_softmax, ring, s2, xla
 from lctx_jax.rope import rotate_qk
 
 IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
 
-__all__ = ["IMPLEMENTATIONS", "attend", "flash", "masks", "online_softmax", "ring", "rotate_qk",
+__all__ = ["IMPLEMENTATIONS", "attend", "flash", "infini", "masks", "online_softmax", "ring", "rotate_qk",
            "s2", "xla"]
 
 

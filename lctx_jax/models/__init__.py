@@ -38,6 +38,7 @@ class Config(Protocol):
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
     pad_token_id: int | None
+    infini: Any  # an InfiniConfig (lctx_jax.attention.infini) or None: plain attention
 
     def to_hf(self) -> dict[str, Any]: ...
 

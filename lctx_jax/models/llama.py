@@ -30,8 +30,15 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lctx_jax import hf_fields as fields, layers, sharding
+from lctx_jax.attention import infini as infini_lib
+from lctx_jax.attention.infini import InfiniConfig
 from lctx_jax.models import Family
 from lctx_jax.rope import RopeConfig
+
+INFINI_MODEL_TYPE = "lctx_infini"  # config.json model_type of a LLaMA-family model with Infini-attention
+INFINI_NOTE = ("Infini-attention (Munkhdalai et al. 2024) on a {base} model, written by lctx_jax: "
+               "transformers has no implementation of it (a {base} model would silently drop "
+               "the memory and its gates). Load with lctx_jax.from_hf(path).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    infini: InfiniConfig | None = None  # Infini-attention in every layer (attention="infini")
 
     def __post_init__(self) -> None:
         """The checks that hold however the config is built (`from_hf` checks config.json's
@@ -104,7 +112,16 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any],
                 rope_scaling: Mapping[str, Any] | None = None) -> "ModelConfig":
-        """From a config.json dict; `rope_scaling` puts a context-extension method on it."""
+        """From a config.json dict; `rope_scaling` puts a context-extension method on it. An
+        Infini-attention export (model_type "lctx_infini") reads as its base model_type with
+        `infini` set."""
+        infini = None
+        if hf.get("model_type") == INFINI_MODEL_TYPE:
+            if not isinstance(hf.get("infini_attention"), Mapping):
+                raise ValueError(f"config.json: model_type {INFINI_MODEL_TYPE!r} needs "
+                                 "infini_attention, a dict like {\"segment_len\": 2048}")
+            infini = InfiniConfig.from_dict(hf["infini_attention"])
+            hf = {**hf, "model_type": hf.get("infini_base_model_type")}
         model_type = hf.get("model_type")
         if model_type not in cls.ARCHITECTURES:
             raise ValueError(f"config.json has model_type {model_type!r} (architectures "
@@ -142,6 +159,7 @@ class ModelConfig:
             bos_token_id=fields.token_id(hf, "bos_token_id", vocab),
             eos_token_id=fields.token_id(hf, "eos_token_id", vocab, many=True),
             pad_token_id=_pad_token_id(hf, vocab),
+            infini=infini,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -182,14 +200,24 @@ class ModelConfig:
             out["partial_rotary_factor"] = rope["partial_rotary_factor"]
         if self.rope.original_max_position_embeddings:
             out["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        if self.infini is not None:  # never a LLaMA config that transformers would run wrongly
+            out.update(architectures=["LctxInfiniForCausalLM"], model_type=INFINI_MODEL_TYPE,
+                       infini_base_model_type=self.model_type,
+                       infini_attention=self.infini.to_dict(),
+                       lctx_jax_note=INFINI_NOTE.format(base=self.model_type))
         return out
+
+    def with_infini(self, infini: InfiniConfig | None) -> "ModelConfig":
+        """This architecture with Infini-attention settings (None: plain attention); the
+        parameters then gain (or lose) the per-layer, per-head gate logits."""
+        return dataclasses.replace(self, infini=infini)
 
     def with_rope_scaling(self, rope_scaling: Mapping[str, Any] | None) -> "ModelConfig":
         """This architecture with `rope_scaling` (a transformers rope_scaling dict) in place of
         its own method; None: plain RoPE. Base theta and partial rotary stay, so the result
         equals reading the checkpoint's config.json with that rope_scaling (an "ntk" rope,
         which config.json stores as its scaled base, keeps the unscaled base here)."""
-        hf = {**self.to_hf(), "rope_theta": self.rope.theta}
+        hf = {**self.with_infini(None).to_hf(), "rope_theta": self.rope.theta}
         hf.pop("rope_parameters")
         return dataclasses.replace(self, rope=RopeConfig.from_hf(hf, rope_scaling))
 
@@ -251,7 +279,8 @@ def _sliding_window(hf: Mapping[str, Any]) -> int | None:
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h))."""
+    """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h)). With Infini-attention
+    it holds the gate logits "infini_gate" [Hq] too."""
 
     config: ModelConfig
     dtype: jnp.dtype
@@ -272,10 +301,14 @@ class Block(nn.Module):
                  ) -> tuple[jax.Array, dict | None]:
         c = self.config  # h is [B·T, H] without a mesh, else [B, T, H]: see Decoder
         x = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
+        gate = None if c.infini is None else self.param(
+            "infini_gate", nn.initializers.constant(c.infini.gate_init), (c.num_heads,),
+            self.param_dtype)
         out, cache = layers.self_attention(
             self.dense, x, ctx, cache, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, rope=c.rope, impl=self.attention, dtype=self.dtype,
-            mesh=self.mesh, qkv_bias=c.qkv_bias, o_bias=c.o_bias, window=c.sliding_window)
+            mesh=self.mesh, qkv_bias=c.qkv_bias, o_bias=c.o_bias, window=c.sliding_window,
+            infini=c.infini, gate=gate)
         h = h + out
         h = h + self.mlp(layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h))
         return sharding.constrain(h, self.mesh if cache is None else None, None), cache
@@ -335,6 +368,7 @@ class Decoder(nn.Module):
 
 
 _NORMS = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+INFINI_GATE = "self_attn.infini_gate"  # the gate logits [Hq] of a layer, in an lctx_infini export
 
 
 def hf_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -354,6 +388,8 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {lin.ours: lin.shape for lin in c.linears()}
     for theirs, names in fused.items():
         per_layer[f"{theirs}.weight"] = (sum(shapes[n][1] for n in names), c.hidden_size)
+    if c.infini is not None:
+        per_layer[INFINI_GATE] = (c.num_heads,)
     layout = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
               "model.norm.weight": (c.hidden_size,)}
     layout["lm_head.weight"] = None if c.tie_word_embeddings else (c.vocab_size, c.hidden_size)
@@ -405,6 +441,10 @@ def read_hf(reader: Any, config: ModelConfig, dtype: Any
             stacked[i] = _read_layer_leaf(reader, config, i, ours, leaf)
         yield ("layers", ours, leaf), stacked
         del stacked
+    if config.infini is not None:
+        yield ("layers", "infini_gate"), np.stack([
+            reader.get(f"model.layers.{i}.{INFINI_GATE}") for i in range(config.num_layers)]
+        ).astype(dtype)
     yield ("norm", "scale"), reader.get("model.norm.weight").astype(dtype, copy=False)
     if not config.tie_word_embeddings:
         yield ("lm_head", "kernel"), reader.get("lm_head.weight").T.astype(dtype)
@@ -427,6 +467,8 @@ def write_hf(params: Mapping[str, Any], config: ModelConfig,
                 yield prefix + f"{lin.theirs}.weight", kernels[lin.ours]
             if lin.bias:
                 yield prefix + f"{lin.theirs}.bias", to_host(stacked[lin.ours]["bias"][i])
+        if config.infini is not None:
+            yield prefix + INFINI_GATE, to_host(stacked["infini_gate"][i])
     yield "model.norm.weight", to_host(params["norm"]["scale"])
     if not config.tie_word_embeddings:
         yield "lm_head.weight", to_host(params["lm_head"]["kernel"]).T
@@ -450,6 +492,7 @@ SHARDING_RULES = (
     (r"layers/(gate|up)/bias", P(None, _T), None),
     (r"layers/(o|down)/bias", P(), None),
     (r"\w*norm/scale", P(), None),
+    (r"layers/infini_gate", P(), None),
 )
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -465,13 +508,18 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 def decode_state(config: ModelConfig, batch: int, size: int, dtype: Any) -> dict:
-    """The KV cache {"k", "v"} [L, B, size, Hkv, D] (un-rotated keys)."""
+    """The KV cache {"k", "v"} [L, B, size, Hkv, D] (un-rotated keys); with Infini-attention
+    the memory and one segment of cache (`lctx_jax.attention.infini.decode_state`), whatever
+    `size`."""
+    if config.infini is not None:
+        return infini_lib.decode_state(config.num_layers, batch, config.num_kv_heads,
+                                       config.head_dim, config.infini, dtype)
     return layers.kv_cache(config.num_layers, batch, size, config.num_kv_heads,
                            config.head_dim, dtype)
 
 
 FAMILY = Family(
-    name="llama", model_types=tuple(ModelConfig.ARCHITECTURES), config=ModelConfig,
+    name="llama", model_types=(*ModelConfig.ARCHITECTURES, INFINI_MODEL_TYPE), config=ModelConfig,
     decoder=Decoder, hf_layout=hf_layout, read_hf=read_hf, write_hf=write_hf,
     sharding_rules=SHARDING_RULES, lora_targets=LORA_TARGETS,
     flops_per_token=flops_per_token, decode_state=decode_state,
