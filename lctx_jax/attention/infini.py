@@ -137,7 +137,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
     the index inside the segment), with one seq_len N for every segment. state: the memory
     carried in, (M, z) or (M, z, doc) (`initial_state`; doc [B], the segment id the memory
     belongs to, needed with segment_ids); returned in the same form after the last segment.
-    segment_ids [B, T]: packed documents (see the module docstring). scale: default 1/√D.
+    segment_ids [B, T]: packed documents (see the module docstring); without them every token
+    is of the state's document (doc). scale: default 1/√D.
     """
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -150,10 +151,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
         positions = jnp.broadcast_to(index % n, (batch, padded))
     else:
         positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, length))
-        positions = jnp.pad(positions, ((0, 0), (0, padded - length)), mode="edge")
-    documents = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
-                 else jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (batch, length)))
-    documents = jnp.pad(documents, ((0, 0), (0, padded - length)), mode="edge")
+        # padding after every real position: no real query sees it (causal by position)
+        positions = jnp.pad(positions, ((0, 0), (0, padded - length)),
+                            constant_values=jnp.iinfo(jnp.int32).max)
     written = jnp.broadcast_to(index < length, (batch, padded))
 
     def per_segment(x: jax.Array) -> jax.Array:  # [B, S·N, ...] -> [S, B, N, ...]
@@ -167,6 +167,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
         doc = state[2] if len(state) == 3 else jnp.zeros((batch,), jnp.int32)
         carry = State(state[0].astype(jnp.float32), state[1].astype(jnp.float32),
                       jnp.asarray(doc, jnp.int32))
+    if segment_ids is None:  # one document: the memory's own (0 from an empty state)
+        documents = jnp.broadcast_to(carry.doc[:, None], (batch, length))
+    else:
+        documents = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (batch, length))
+    documents = jnp.pad(documents, ((0, 0), (0, padded - length)), mode="edge")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
     @jax.checkpoint
