@@ -6,7 +6,8 @@ weight decay), the gates at their own lr (1e-2, no weight decay: config.optimize
 then 400 steps of passkey inputs. Here: global batch 64 × 32K of PG19, 4 micro-batches.
 
     python train.py --config configs/llama2_7b_infini_32k.py --config.init_from=/ckpt/Llama-2-7b-hf
-Sizing (measured: `--compile_only=v5p:2x2x4`): see the README's pod table.
+Sizing (measured: `--compile_only=v5p:2x2x4`): v5p-32 (16 chips, fsdp=16), 4 micro-batches of one
+32K sequence per chip: train step peak 33.05 GiB of 95 GiB per chip, eval step 6.08 GiB.
 """
 
 from lctx_jax.train_config import pod_config, stage

@@ -355,46 +355,65 @@ def passkey_accuracy(model: Model, tokenizer: Tokenizer, lengths: Sequence[int],
 class PasskeyBatches:
     """Endless iterator of passkey-retrieval training batches (the Infini-attention paper's
     fine-tune on passkey inputs): rows of exactly seq_len + 1 tokens, `passkey_prompt` of a
-    random 5-digit key at a random depth followed by the key as its answer. Each batch:
-    input_ids, targets, positions, segment_ids int32 and loss_mask float32 [batch_size,
-    seq_len] (as `lctx_jax.data.PackedBatches`), the loss on the answer's tokens only.
+    random 5-digit key at a random depth followed by the key as its answer (and, after a
+    shorter prompt, end-of-sequence tokens as another document). Each batch: input_ids,
+    targets, positions, segment_ids int32 and loss_mask float32 [batch_size, seq_len] (as
+    `lctx_jax.data.PackedBatches`), the loss on the answer's tokens only.
 
-    Row r of batch i draws from np.random.default_rng([seed, shard_index, i, r]), so a resumed
-    stream (`set_state`) continues exactly. style: as `passkey_prompt`'s.
+    shortest: 0 makes every prompt as long as the row allows; else prompt lengths are drawn
+    uniformly from [shortest, that], so the answer falls anywhere relative to a segmented
+    model's segment boundaries (a prompt of k·N tokens has its answer start a new segment).
+    Row r of batch i draws from np.random.default_rng([seed, shard_index, stream, i, r]) with
+    stream 1 for evaluation (`evaluation=True`) and 0 for training, so a resumed stream
+    (`set_state`) continues exactly and evaluation never sees a training row.
+    style: as `passkey_prompt`'s.
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-                 shard_index: int = 0, style: str = "prose"):
+                 shard_index: int = 0, style: str = "prose", shortest: int = 0,
+                 evaluation: bool = False):
         if style not in PASSKEY_STYLES:
             raise ValueError(f"style must be one of {list(PASSKEY_STYLES)}, got {style!r}")
+        _check_int("shortest", shortest, 0, "")
+        if shortest > seq_len:
+            raise ValueError(f"shortest={shortest} prompt tokens do not fit in seq_len={seq_len}")
         self._tokenizer, self.seq_len, self.batch_size, self.style = (tokenizer, seq_len,
                                                                      batch_size, style)
+        self.shortest = shortest
         self._encode = _piece_encoder(tokenizer, PASSKEY_STYLES[style].prose)
-        self._key = {"seed": int(seed), "shard_index": int(shard_index)}
+        self._key = {"seed": int(seed), "shard_index": int(shard_index),
+                     "stream": int(evaluation)}
         self._batch = 0
         self._row(0, 0)  # a seq_len too short for the prompt fails here, not mid-training
 
-    def _row(self, batch: int, row: int) -> tuple[np.ndarray, int]:
-        """(the row's seq_len + 1 tokens, how many of them are the answer)."""
-        rng = np.random.default_rng([self._key["seed"], self._key["shard_index"], batch, row])
+    def _row(self, batch: int, row: int) -> tuple[np.ndarray, int, int]:
+        """(the row's seq_len + 1 tokens, where its answer starts, how long the answer is)."""
+        rng = np.random.default_rng([*self._key.values(), batch, row])
         key = int(rng.integers(10_000, 100_000))
         answer = self._encode(("" if PASSKEY_STYLES[self.style].prose else " ") + str(key))
-        prompt = passkey_prompt(self._tokenizer, self.seq_len + 1 - len(answer),
-                                float(rng.uniform()), key, self.style)
-        return np.asarray([*prompt.ids, *answer], np.int32), len(answer)
+        longest = self.seq_len + 1 - len(answer)
+        length = int(rng.integers(min(self.shortest, longest), longest + 1)) if (
+            self.shortest) else longest
+        prompt = passkey_prompt(self._tokenizer, length, float(rng.uniform()), key, self.style)
+        tail = [self._tokenizer.eos_id] * (longest - length)
+        return np.asarray([*prompt.ids, *answer, *tail], np.int32), length, len(answer)
 
     def __iter__(self) -> "PasskeyBatches":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows, answers = zip(*(self._row(self._batch, r) for r in range(self.batch_size)))
+        rows, starts, answers = zip(*(self._row(self._batch, r)
+                                      for r in range(self.batch_size)))
         self._batch += 1
         w = np.stack(rows)  # [batch_size, seq_len + 1]
-        index = np.arange(self.seq_len)
-        scored = index[None, :] >= self.seq_len - np.asarray(answers)[:, None]
+        index = np.arange(self.seq_len)[None, :]
+        start, end = np.asarray(starts)[:, None], np.asarray(starts)[:, None] + np.asarray(
+            answers)[:, None]
+        prompt = index < end  # the prompt and its answer; the eos tail is another document
         return {"input_ids": w[:, :-1], "targets": w[:, 1:],
-                "positions": np.broadcast_to(index, w[:, 1:].shape).astype(np.int32),
-                "segment_ids": np.ones_like(w[:, 1:]), "loss_mask": scored.astype(np.float32)}
+                "positions": np.where(prompt, index, index - end).astype(np.int32),
+                "segment_ids": np.where(prompt, 1, 2).astype(np.int32),
+                "loss_mask": ((index >= start - 1) & (index < end - 1)).astype(np.float32)}
 
     def get_state(self) -> dict[str, int]:
         return {"batch": self._batch, **self._key}
@@ -403,7 +422,7 @@ class PasskeyBatches:
         if set(state) != {"batch", *self._key} or any(state[k] != v
                                                       for k, v in self._key.items()):
             raise ValueError(f"state {state} is not a passkey stream of {self._key}: pass a "
-                             "dict returned by get_state() of the same seed and shard")
+                             "dict returned by get_state() of the same seed, shard and stream")
         self._batch = int(state["batch"])
 
 

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lctx_jax import models, token_ids
+from lctx_jax import layers, models, token_ids
 from lctx_jax.layers import Context
 from lctx_jax.model import Model
 
@@ -171,6 +171,7 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
     positions, segments = _prompt_layout(lengths + max_new_tokens, total)
     positions, segments = positions[:, :size], segments[:, :size]
     cache = models.family_of(c).decode_state(c, batch, size, cache_dtype)
+    head = layers.head_kernel(params, c.tie_word_embeddings)
 
     def forward(sequence: jax.Array, cache: dict, start: jax.Array | int, length: int,
                 known: jax.Array | int) -> tuple[jax.Array, dict]:
@@ -184,8 +185,10 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
                                    slice_size=length, axis=1)
         ctx = Context(window(kv_positions), window(kv_segments), kv_positions, kv_segments,
                       jnp.asarray(start, jnp.int32))
-        logits, cache = module.apply({"params": params}, window(sequence), ctx, cache)
-        return jax.lax.dynamic_index_in_dim(logits, known - 1 - start, 1, keepdims=False), cache
+        hidden, cache = module.apply({"params": params}, window(sequence), ctx, cache,
+                                     logits=False)  # the head runs on one column only
+        last = jax.lax.dynamic_index_in_dim(hidden, known - 1 - start, 1, keepdims=False)
+        return layers.head_logits(last, head, module.dtype), cache
 
     def choose(logits: jax.Array, step: jax.Array | int) -> jax.Array:
         """[B, V] -> int32 [B]."""

@@ -132,7 +132,7 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
     infini (with `gate` [Hq], the layer's gate logits): Infini-attention instead
     (`lctx_jax.attention.infini`): segments of infini.segment_len tokens by index, the local
     path rotated at the index inside its segment (ctx.positions are not used), segment ids
-    separating packed documents; `cache` is then the infini decode state (`infini.stream`).
+    separating packed documents, `window` on the local path; `cache` is then the infini decode state (`infini.stream`).
     """
     b, t = ctx.positions.shape
     q = dense(num_heads * head_dim, "q", qkv_bias)(x).reshape(b, t, num_heads, head_dim)
@@ -142,10 +142,10 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
     if infini is not None:
         if cache is None:
             out = infini_lib.attend(q, k, v, gate, infini.segment_len, infini.update, rope,
-                                    segment_ids=ctx.segment_ids)
+                                    segment_ids=ctx.segment_ids, window=window)
         else:
             out, cache = infini_lib.stream(q, k, v, gate, infini, rope, cache, ctx.cache_index,
-                                           ctx.segment_ids)
+                                           ctx.segment_ids, window)
         return dense(x.shape[-1], "o", o_bias)(out.reshape(*x.shape[:-1], -1)), cache
     if cache is not None:
         start = (0, ctx.cache_index, 0, 0)

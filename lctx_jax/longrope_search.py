@@ -360,6 +360,9 @@ def perplexity_fitness(model: Any, documents: Sequence[Any], length: int,
                          f"original context {original_length(rope)}; pass factor=)")
     if not documents:
         raise ValueError("perplexity_fitness needs at least one document")
+    if getattr(model.config, "infini", None) is not None:
+        raise ValueError("the LongRoPE search scores a model whose attention spans the whole "
+                         "length; an Infini-attention model rotates within its segments only")
     rows = []
     for i, doc in enumerate(documents):
         doc = np.asarray(doc)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lctx_jax.attention import infini
+
 TRAINABLE = ("embed", "norm", "lm_head")
 
 Tree = Any
@@ -99,7 +101,7 @@ def merge(params: Tree, lora: Tree, config: LoraConfig) -> Tree:
     return {**params, "layers": layers}
 
 
-ALWAYS_TRAINED = ("infini_gate",)  # leaves a checkpoint never has: Infini-attention's gates
+ALWAYS_TRAINED = (infini.GATE,)  # leaves a checkpoint never has: Infini-attention's gates
 
 
 def trainable_mask(params: Tree, config: LoraConfig | None) -> Tree:

@@ -112,8 +112,8 @@ class ModelSpec:
                             shapes, shardings)
 
     def _init_module(self, param_dtype: Any) -> Any:
-        """The decoder that creates the parameters: plain attention on one token, no mesh
-        (the parameters do not depend on how attention runs)."""
+        """The decoder that creates the parameters: the config's default attention on one
+        token, no mesh (the parameters do not depend on how attention runs)."""
         plain = dataclasses.replace(self, attention=default_attention(self.config),
                                     remat="none", mesh=None, lora=None)
         return plain.module(param_dtype)
@@ -161,6 +161,9 @@ class ModelSpec:
               segment_ids: jax.Array | None = None, rope: RopeArrays | None = None,
               adapters: Any = None, check_ids: bool = False) -> jax.Array:
         """Pure forward: logits f32 [B, T, vocab].
+
+        positions: RoPE positions [B, T] (default arange); an Infini-attention model rotates its
+        local path at the index inside each segment instead and does not use them.
 
         input_ids are not checked (an id outside [0, vocab_size) reads NaN or another row;
         `Model.__call__` checks them on the host): check_ids=True adds a `checkify` check

@@ -135,8 +135,9 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     N, "update": "linear" | "delta", "gate_init": β0} (over the settings of a model that has
     them already; its gates train at config.optimizer.gate_lr).
     task: "text" (packed documents) or "passkey-prose" / "passkey-python" (passkey-retrieval
-    prompts of seq_len tokens in that style with the loss on the answer only,
-    `lctx_jax.evaluation.PasskeyBatches`: the Infini-attention paper's fine-tune).
+    prompts in that style with the loss on the answer only, `lctx_jax.evaluation.
+    PasskeyBatches`: the Infini-attention paper's fine-tune); there min_doc_tokens > 0 draws
+    prompt lengths from [min_doc_tokens, seq_len] instead of filling every row.
     """
     out = ml_collections.ConfigDict()
     out.name = name
@@ -277,6 +278,10 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
             with_infini(config, i, model)
         except ValueError as err:
             raise ConfigError(f"config.stages[{i}]: {err}") from err
+        if s.attention == INFINI and config.mesh.sequence != 1:
+            raise ConfigError(f"config.stages[{i}].attention='infini' runs its segments in order "
+                              f"and cannot split a sequence: config.mesh.sequence="
+                              f"{config.mesh.sequence} must be 1 (split data, fsdp or tensor)")
         window = getattr(model, "sliding_window", None)
         if window is not None and s.seq_len > window and "sliding_window" not in (
                 config.hf_overrides):
@@ -344,10 +349,9 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> Non
         raise ConfigError(f"{field}.min_doc_tokens={s.min_doc_tokens} must be >= 0")
     scaling = rope_scaling_dict(s.rope_scaling, f"{field}.rope_scaling")
     try:
-        model = models.config_from_hf(base, scaling)
+        models.config_from_hf(base, scaling)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{field}.rope_scaling: {err}") from err
-
 
 
 def with_infini(config: ml_collections.ConfigDict, index: int, model: Any) -> Any:
@@ -392,6 +396,13 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # Not config.nonfinite: a "stop" run's checkpoints hold finite steps only, which "skip"
     # computes alike, so a diverged run can resume with --config.nonfinite=skip.
     out = {key: plain(config[key]) for key in keep}
+    for s in out["stages"]:  # fields at their defaults are left out, as before they existed
+        for key, default in (("infini", None), ("task", "text")):
+            if s.get(key, default) == default:
+                s.pop(key, None)
+    for key, default in (("gate_lr", 1e-2), ("gate_weight_decay", 0.0)):
+        if out["optimizer"].get(key) == default:
+            out["optimizer"].pop(key)
     if config.hf_overrides:  # only when set: runs without it keep their fingerprint
         out["hf_overrides"] = plain(config.hf_overrides)
     return out

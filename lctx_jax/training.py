@@ -72,9 +72,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lctx_jax import checkpoint, convert, data, losses, lora as lora_lib, models, paths, sharding
-from lctx_jax import checksums
-from lctx_jax import evaluation, train_config
+from lctx_jax import (checkpoint, checksums, convert, data, evaluation, losses, lora as lora_lib,
+                      models, paths, sharding, train_config)
+from lctx_jax.attention import infini
 from lctx_jax.model import Model, ModelSpec
 from lctx_jax.train_config import (ConfigError, InputNotFound, TrainingDiverged,
                                    base_hf_config, fingerprint, lora_config, plain,
@@ -119,14 +119,11 @@ def decay_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, tree)
 
 
-GATE_LEAVES = ("infini_gate",)  # Infini-attention's gate logits: their own lr and decay
-
-
 def gate_labels(tree: Any) -> Any:
     """"gate" for Infini-attention's gate logits (by leaf name), "other" elsewhere."""
     def label(path: tuple, _: Any) -> str:
         last = path[-1]
-        return "gate" if getattr(last, "key", None) in GATE_LEAVES else "other"
+        return "gate" if getattr(last, "key", None) == infini.GATE else "other"
     return jax.tree_util.tree_map_with_path(label, tree)
 
 
@@ -279,6 +276,7 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
     if tokenizer.vocab_size > base_hf["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {base_hf['vocab_size']}; use a matching tokenizer")
+    _check_passkey_stages(config, tokenizer)
     _claim_run_dir(run_dir, config)
     logger = _Logger(run_dir, config)
     manager = ocp.CheckpointManager(
@@ -380,6 +378,21 @@ def _tokenizer(config: ml_collections.ConfigDict, sources: dict[str, Sequence[st
         raise InputNotFound(f"{field}: {err}") from err
     except ValueError as err:
         raise ConfigError(f"{field}: {err}") from err
+
+
+def _check_passkey_stages(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer
+                          ) -> None:
+    """ConfigError for a passkey stage whose rows cannot hold its prompt with this tokenizer,
+    before any stage trains."""
+    for i, s in enumerate(config.stages):
+        if s.task != "text":
+            try:
+                evaluation.PasskeyBatches(tokenizer, s.seq_len, 1, 0,
+                                          style=s.task.split("-", 1)[1],
+                                          shortest=s.min_doc_tokens)
+            except ValueError as err:
+                raise ConfigError(f"config.stages[{i}] (task {s.task!r}, seq_len {s.seq_len}, "
+                                  f"min_doc_tokens {s.min_doc_tokens}): {err}") from err
 
 
 def _open_data(config: ml_collections.ConfigDict) -> dict[str, Sequence[str]]:
@@ -708,14 +721,16 @@ class _Feed:
     hosts beyond which rows travel together."""
 
     def __init__(self, stage: ml_collections.ConfigDict, accum: int, batch_sharding: Any,
-                 tokenizer: data.Tokenizer, documents: Sequence[str], seed: int):
+                 tokenizer: data.Tokenizer, documents: Sequence[str], seed: int,
+                 for_eval: bool = False):
         self.shape = (accum, stage.batch_size // stage.grad_accum, stage.seq_len)
         self.sharding = batch_sharding
         self.rows, self.shard, shards = host_part(batch_sharding, self.shape)
-        if stage.task != "text":  # "passkey-<style>"
+        if stage.task != "text":  # "passkey-<style>"; prompts of at least min_doc_tokens
             self.batches = evaluation.PasskeyBatches(
                 tokenizer, stage.seq_len, accum * len(self.rows), seed, shard_index=self.shard,
-                style=stage.task.split("-", 1)[1])
+                style=stage.task.split("-", 1)[1], shortest=stage.min_doc_tokens,
+                evaluation=for_eval)
             return
         self.batches = data.PackedBatches(
             documents, tokenizer, stage.seq_len, accum * len(self.rows), seed,
@@ -760,14 +775,16 @@ def _batch_sharding(mesh: Any, stage: ml_collections.ConfigDict) -> Any:
 def _evaluate(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict,
               tokenizer: data.Tokenizer, step_fns: Step, state: dict, frozen: Any,
               plan: StagePlan, documents: Sequence[str] | None) -> float | None:
-    """Mean validation loss over `eval_batches` batches of `documents` (the eval split) at the
-    stage's length (full attention), each of the training micro-batch's rows (batch_size /
+    """Mean validation loss over `eval_batches` batches of `documents` (the eval split; for a
+    passkey task, prompts of the evaluation stream) at the stage's length with the stage's
+    eval model (full attention for "s2"), each of the training micro-batch's rows (batch_size /
     grad_accum), so that evaluating needs no more memory than a training micro-step."""
     if not config.eval_batches:
         return None
     eval_stage = ml_collections.ConfigDict(plain(stage))
-    eval_stage.min_doc_tokens = 0
-    feed = _Feed(eval_stage, 1, plan.batch_sharding, tokenizer, documents, 0)
+    if stage.task == "text":
+        eval_stage.min_doc_tokens = 0
+    feed = _Feed(eval_stage, 1, plan.batch_sharding, tokenizer, documents, 0, for_eval=True)
     nll = count = 0.0
     for _ in range(config.eval_batches):
         batch = jax.tree.map(lambda x: x[0], feed.next())

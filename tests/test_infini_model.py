@@ -254,6 +254,29 @@ def test_generate_equals_the_full_forward(llama_dir, update):
     assert (out_off[:, 37:] != out[:, 37:]).any(axis=1).all()
 
 
+@pytest.mark.parametrize("length", [1, 16])
+def test_generate_from_a_whole_number_of_segments(llama_dir, length):
+    """A prompt of one token, and one of exactly two segments (the prefill leaves the local
+    cache empty and the first new token starts a segment), equal full forwards."""
+    model = infini_model(llama_dir, segment_len=8, update="delta")
+    prompts = [np.random.default_rng(length).integers(0, VOCAB, length).tolist()]
+    out = np.asarray(lx.generate(model, prompts, max_new_tokens=12, eos_token_id=()))
+    np.testing.assert_array_equal(out, greedy_full_forward(model, prompts, 12))
+
+
+def test_a_sliding_window_holds_on_the_local_path(tmp_path):
+    """Mistral's window applies inside the segment too: with the gates off and one segment
+    spanning the input, logits equal the plain model's (which slides its window)."""
+    hf = {"model_type": "mistral", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+          "intermediate_size": 64, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+          "num_key_value_heads": KV_HEADS, "max_position_embeddings": 64, "sliding_window": 4}
+    plain = lx.Model.init(lx.ModelConfig.from_hf(hf), jax.random.key(2))
+    spec = lx.ModelSpec(plain.config.with_infini(InfiniConfig(32, gate_init=OFF)))
+    infini = lx.Model.of(spec, spec.complete_params(plain.params, jax.random.key(0)))
+    ids = np.random.default_rng(0).integers(0, VOCAB, (1, 24))
+    np.testing.assert_allclose(np.asarray(infini(ids)), np.asarray(plain(ids)), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- 4. decode state
 
 

@@ -12,7 +12,7 @@ from test_training import TINY_MODEL, read_metrics, tiny_config
 
 import lctx_jax as lx
 from lctx_jax import data, evaluation, lora as lora_lib, training
-from lctx_jax.train_config import ConfigError, default_config, stage, validate
+from lctx_jax.train_config import ConfigError, default_config, fingerprint, stage, validate
 
 INFINI = {"segment_len": 8, "update": "delta"}
 
@@ -121,3 +121,32 @@ def test_stage_settings_go_over_the_models_own(workspace, tmp_path):
     assert (first.segment_len, first.update) == (8, "delta")
     assert (second.segment_len, second.update) == (16, "delta")
     assert lx.ModelConfig.from_hf(TINY_MODEL).infini is None
+
+
+def test_runs_without_infini_keep_their_fingerprint(workspace, tmp_path):
+    """The stage fields infini / task and the gate optimizer fields at their defaults are not
+    in the fingerprint, so run directories written before they existed still resume."""
+    c = tiny_config(workspace, tmp_path / "run")
+    printed = fingerprint(c)
+    assert not {"infini", "task"} & set(printed["stages"][0])
+    assert not {"gate_lr", "gate_weight_decay"} & set(printed["optimizer"])
+    c.stages[0].task = "passkey-python"
+    c.optimizer.gate_lr = 1e-3
+    changed = fingerprint(c)
+    assert changed["stages"][0]["task"] == "passkey-python"
+    assert changed["optimizer"]["gate_lr"] == 1e-3
+
+
+def test_stages_that_cannot_run_fail_before_any_training(workspace, tmp_path):
+    c = tiny_config(workspace, tmp_path / "seq")
+    c.mesh.data, c.mesh.sequence, c.mesh.num_devices = 1, 2, 2
+    c.stages = [stage("a", seq_len=32, batch_size=4, steps=2, lr=1e-3, attention="infini",
+                      infini=INFINI)]
+    with pytest.raises(ConfigError, match="mesh.sequence"):
+        validate(c)
+    c = tiny_config(workspace, tmp_path / "short")
+    c.stages = [stage("a", seq_len=32, batch_size=4, steps=2, lr=1e-3),
+                stage("b", seq_len=40, batch_size=2, steps=2, lr=1e-3, task="passkey-python")]
+    with pytest.raises(ConfigError, match=r"stages\[1\].*length must be"):
+        training.run(c)
+    assert not (tmp_path / "short" / "models").exists()  # stage a never trained

@@ -5,10 +5,10 @@ the mask's pieces): "xla" (plain JAX, ./xla.py), "flash" (Pallas kernel with RoP
 ./flash.py), "ring" (sequence parallel over a mesh, ./ring.py), "s2" (LongLoRA's shifted sparse
 attention for training, ./s2.py). Infini-attention (./infini.py, `infini.attend`) is its own
 function: a segment recurrence with a gate and a memory, not another way to compute softmax
-attention; models select it with attention="infini". Shared math: which keys a query sees and which blocks can be
-skipped (./masks.py), the online softmax and its backward (./online_softmax.py), and the
-rotation of q and k (`rotate_qk`, defined in lctx_jax.rope; "flash" rotates in-kernel with the
-same `rope.rotation`).
+attention; models select it with attention="infini". Shared math: which keys a query sees and
+which blocks can be skipped (./masks.py), the online softmax and its backward
+(./online_softmax.py), and the rotation of q and k (`rotate_qk`, defined in lctx_jax.rope;
+"flash" rotates in-kernel with the same `rope.rotation`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from lctx_jax.rope import rotate_qk
 
 IMPLEMENTATIONS = ("xla", "flash", "ring", "s2")
 
-__all__ = ["IMPLEMENTATIONS", "attend", "flash", "infini", "masks", "online_softmax", "ring", "rotate_qk",
-           "s2", "xla"]
+__all__ = ["IMPLEMENTATIONS", "attend", "flash", "infini", "masks", "online_softmax", "ring",
+           "rotate_qk", "s2", "xla"]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla", causal: bool = True,

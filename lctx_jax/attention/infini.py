@@ -45,6 +45,7 @@ from lctx_jax import rope as rope_lib
 from lctx_jax.attention import masks, xla
 
 UPDATES = ("linear", "delta")
+GATE = "infini_gate"  # the parameter name of a layer's gate logits [Hq] in every model
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -128,7 +129,8 @@ def sigma(x: jax.Array) -> jax.Array:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_len: int,
            update: str = "linear", rope: rope_lib.RopeConfig | None = None,
            positions: jax.Array | None = None, state: tuple | None = None, *,
-           segment_ids: jax.Array | None = None, scale: float | None = None) -> Any:
+           segment_ids: jax.Array | None = None, scale: float | None = None,
+           window: int | None = None) -> Any:
     """Infini-attention over q [B, T, Hq, D], k, v [B, T, Hkv, D] (un-rotated) -> out
     [B, T, Hq, D] in q's dtype, or (out, state) when `state` is given.
 
@@ -138,7 +140,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
     carried in, (M, z) or (M, z, doc) (`initial_state`; doc [B], the segment id the memory
     belongs to, needed with segment_ids); returned in the same form after the last segment.
     segment_ids [B, T]: packed documents (see the module docstring); without them every token
-    is of the state's document (doc). scale: default 1/√D.
+    is of the state's document (doc). scale: default 1/√D. window: a sliding window on the
+    local path too (Mistral's, for segments longer than it).
     """
     batch, length, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -177,7 +180,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
     @jax.checkpoint
     def body(memory: State, xs: tuple) -> tuple[State, jax.Array]:
         q_s, k_s, v_s, pos_s, doc_s, written_s = xs
-        local = local_attention(q_s, k_s, v_s, pos_s, doc_s, rope, n, scale)
+        local = local_attention(q_s, k_s, v_s, pos_s, doc_s, rope, n, scale, window=window)
         out = mix(gate, read(sigma(q_s), memory, doc_s), local).astype(q.dtype)
         return write(memory, sigma(k_s), v_s, doc_s, written_s, update), out
 
@@ -193,14 +196,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                     documents: jax.Array, rope: rope_lib.RopeConfig | None, segment_len: int,
                     scale: float, kv_positions: jax.Array | None = None,
-                    kv_documents: jax.Array | None = None) -> jax.Array:
+                    kv_documents: jax.Array | None = None, window: int | None = None
+                    ) -> jax.Array:
     """Causal softmax attention of one segment's q [B, N_q, Hq, D] over its keys k, v
-    [B, N_k, Hkv, D] (same document only), RoPE at the local positions with seq_len N -> f32."""
+    [B, N_k, Hkv, D] (same document only, within `window` if given), RoPE at the local
+    positions with seq_len N -> f32."""
     kv_positions = positions if kv_positions is None else kv_positions
     kv_documents = documents if kv_documents is None else kv_documents
     if rope is not None:
         q, k = rope_lib.rotate_qk(q, k, rope, positions, kv_positions, seq_len=segment_len)
-    return xla.plain(q, k, v, mask=masks.Mask(True, None, None), positions=positions,
+    return xla.plain(q, k, v, mask=masks.Mask(True, window, None), positions=positions,
                      kv_positions=kv_positions, segment_ids=documents,
                      kv_segment_ids=kv_documents, scale=scale).astype(jnp.float32)
 
@@ -245,7 +250,8 @@ def write(memory: State, sk: jax.Array, v: jax.Array, documents: jax.Array, writ
 
 def stream(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, config: InfiniConfig,
            rope: rope_lib.RopeConfig | None, state: dict, start: jax.Array,
-           segment_ids: jax.Array | None) -> tuple[jax.Array, dict]:
+           segment_ids: jax.Array | None, window: int | None = None
+           ) -> tuple[jax.Array, dict]:
     """One model layer's Infini-attention with its decode state (`decode_state`): q [B, T, Hq,
     D], k, v [B, T, Hkv, D] -> (out [B, T, Hq, D], state), equal to `attend` over the whole
     stream so far. Segments are cut by the column index of the stream.
@@ -267,12 +273,14 @@ def stream(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, config: In
         outs = []
         if full:
             out, memory = attend(q[:, :full], k[:, :full], v[:, :full], gate, n, config.update,
-                                 rope, state=tuple(memory), segment_ids=docs[:, :full])
+                                 rope, state=tuple(memory), segment_ids=docs[:, :full],
+                                 window=window)
             outs.append(out)
             memory = State(*memory)
         if full < length:
             outs.append(attend(q[:, full:], k[:, full:], v[:, full:], gate, n, config.update,
-                               rope, state=tuple(memory), segment_ids=docs[:, full:])[0])
+                               rope, state=tuple(memory), segment_ids=docs[:, full:],
+                               window=window)[0])
         tail = ((0, 0), (0, n - (length - full)))
         cache = {"k": jnp.pad(k[:, full:], tail + ((0, 0), (0, 0))).astype(state["k"].dtype),
                  "v": jnp.pad(v[:, full:], tail + ((0, 0), (0, 0))).astype(state["v"].dtype),
@@ -285,7 +293,7 @@ def stream(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, config: In
     keys, values = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
     local = local_attention(q, keys, values, jnp.full((batch, 1), slot), docs, rope, n, scale,
                             kv_positions=jnp.broadcast_to(jnp.arange(n), (batch, n)),
-                            kv_documents=cache["seg"])
+                            kv_documents=cache["seg"], window=window)
     memory = State(state["m"], state["z"], state["doc"])
     out = mix(gate, read(sigma(q), memory, docs), local).astype(q.dtype)
     memory = lax.cond(slot == n - 1,
@@ -325,6 +333,9 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, segment_le
         raise ValueError(f"segment_len={segment_len!r} must be an int >= 1")
     if update not in UPDATES:
         raise ValueError(f"update={update!r}; use one of {UPDATES}")
+    if segment_ids is not None and jnp.shape(segment_ids) not in (q.shape[:2], q.shape[1:2]):
+        raise ValueError(f"segment_ids must be [B, T] = {q.shape[:2]}, got shape "
+                         f"{jnp.shape(segment_ids)}")
     if state is not None:
         b, kv_heads, d = k.shape[0], k.shape[2], k.shape[3]
         if len(state) not in (2, 3) or state[0].shape != (b, kv_heads, d, d) or (

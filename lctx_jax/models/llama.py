@@ -302,7 +302,7 @@ class Block(nn.Module):
         c = self.config  # h is [B·T, H] without a mesh, else [B, T, H]: see Decoder
         x = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
         gate = None if c.infini is None else self.param(
-            "infini_gate", nn.initializers.constant(c.infini.gate_init), (c.num_heads,),
+            infini_lib.GATE, nn.initializers.constant(c.infini.gate_init), (c.num_heads,),
             self.param_dtype)
         out, cache = layers.self_attention(
             self.dense, x, ctx, cache, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
@@ -442,7 +442,7 @@ def read_hf(reader: Any, config: ModelConfig, dtype: Any
         yield ("layers", ours, leaf), stacked
         del stacked
     if config.infini is not None:
-        yield ("layers", "infini_gate"), np.stack([
+        yield ("layers", infini_lib.GATE), np.stack([
             reader.get(f"model.layers.{i}.{INFINI_GATE}") for i in range(config.num_layers)]
         ).astype(dtype)
     yield ("norm", "scale"), reader.get("model.norm.weight").astype(dtype, copy=False)
@@ -468,7 +468,7 @@ def write_hf(params: Mapping[str, Any], config: ModelConfig,
             if lin.bias:
                 yield prefix + f"{lin.theirs}.bias", to_host(stacked[lin.ours]["bias"][i])
         if config.infini is not None:
-            yield prefix + INFINI_GATE, to_host(stacked["infini_gate"][i])
+            yield prefix + INFINI_GATE, to_host(stacked[infini_lib.GATE][i])
     yield "model.norm.weight", to_host(params["norm"]["scale"])
     if not config.tie_word_embeddings:
         yield "lm_head.weight", to_host(params["lm_head"]["kernel"]).T
@@ -492,7 +492,7 @@ SHARDING_RULES = (
     (r"layers/(gate|up)/bias", P(None, _T), None),
     (r"layers/(o|down)/bias", P(), None),
     (r"\w*norm/scale", P(), None),
-    (r"layers/infini_gate", P(), None),
+    (rf"layers/{infini_lib.GATE}", P(), None),
 )
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -500,11 +500,18 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM appendix B): 6·N for the matmul weights outside the
-    embedding table, plus 12·layers·heads·head_dim·T for attention (no causal discount)."""
+    embedding table, plus 12·layers·heads·head_dim·T for attention (no causal discount).
+    Infini-attention attends within segments (T ≤ N) and reads and writes its memory: 6 FLOPs
+    per multiply-add of σ(q)M (Hq·D²) and σ(k)ᵀv (Hkv·D², twice with the delta rule)."""
     c = config
     weights = c.num_layers * sum(np.prod(lin.shape) for lin in c.linears())
     weights += c.hidden_size * c.vocab_size
-    return float(6.0 * weights + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len)
+    span, memory = seq_len, 0.0
+    if c.infini is not None:
+        span = min(seq_len, c.infini.segment_len)
+        writes = 2 if c.infini.update == "delta" else 1
+        memory = 6.0 * c.num_layers * c.head_dim ** 2 * (c.num_heads + writes * c.num_kv_heads)
+    return float(6.0 * weights + 12.0 * c.num_layers * c.num_heads * c.head_dim * span + memory)
 
 
 def decode_state(config: ModelConfig, batch: int, size: int, dtype: Any) -> dict:
