@@ -29,8 +29,9 @@ of *their* seq_len. Per method:
                exactly a full forward per step, at O((P + N)²) per token.
   others       the rotation does not depend on seq_len: cached decoding is exact.
 Infini-attention models carry per layer the memory (M, z) and one segment of local KV cache
-(`lctx_jax.attention.infini.stream`) instead of a cache of every token, so the decode state has
-the same size whatever the prompt. Their segments are cut by column, so decoding equals a full
+(`lctx_jax.attention.infini.stream`) instead of a cache of every token, and their prompt is
+prefilled one segment at a time, so the decode state and the activations have the same size
+whatever the prompt. Their segments are cut by column, so decoding equals a full
 forward over the padded batch token for token (the local rotation has a fixed seq_len, the
 segment, and LongRoPE's refresh does not apply); but a left-padded row's segments start at
 its first column, not its first real token, so unlike the above it is not computed as if it
@@ -196,7 +197,13 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return _sample_top_p(logits / temperature, top_p, jax.random.fold_in(rng, step))
 
-    logits, cache = forward(sequence, cache, 0, width, width)
+    chunk = c.infini.segment_len if getattr(c, "infini", None) is not None else width
+    chunks = (width - 1) // chunk  # whole segments before the one holding the last column
+    if chunks:  # Infini-attention: prefill segment by segment, activations O(N) not O(P)
+        cache = jax.lax.fori_loop(
+            0, chunks, lambda i, cache: forward(sequence, cache, i * chunk, chunk, width)[1],
+            cache)
+    logits, cache = forward(sequence, cache, chunks * chunk, width - chunks * chunk, width)
     first = choose(logits, 0)
     sequence = sequence.at[:, width].set(first)
     done = jnp.isin(first, eos_ids)

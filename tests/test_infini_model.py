@@ -481,3 +481,31 @@ def test_from_hf_onto_a_mesh_creates_the_gates_there(llama_dir):
     np.testing.assert_allclose(np.asarray(placed(ids)),
                                logits(lx.from_hf(llama_dir, infini=settings), ids),
                                atol=1e-5, rtol=0)
+
+
+def test_generation_memory_does_not_grow_with_the_prompt():
+    """XLA's compiled memory of the whole generate program (prefill + decode loop): with
+    Infini-attention the prompt is prefilled segment by segment into a fixed state, so from a
+    128- to an 8192-token prompt only the token buffer and its int32 masks grow (~11 bytes per
+    prompt token here); the plain model's KV cache and prefill activations grow by > 1 KiB per
+    token."""
+    import importlib
+    generate_module = importlib.import_module("lctx_jax.generate")
+    hf = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128,
+          "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 64}
+    plain = lx.ModelConfig.from_hf(hf)
+    growth = {}
+    for name, config in (("plain", plain), ("infini", plain.with_infini(InfiniConfig(64)))):
+        model = lx.Model.init(config, jax.random.key(0))
+        temps = []
+        for width in (128, 8192):
+            compiled = generate_module._generate.lower(
+                model.params, jnp.zeros((1, width), jnp.int32), jnp.full((1,), width, jnp.int32),
+                jnp.zeros((0,), jnp.int32), jnp.int32(0), jnp.float32(1), jnp.float32(1),
+                jax.random.key(0), module=model.module, cache_dtype=jnp.dtype(jnp.float32),
+                max_new_tokens=8, greedy=True, use_cache=True).compile()
+            temps.append(compiled.memory_analysis().temp_size_in_bytes)
+        growth[name] = (temps[1] - temps[0]) / (8192 - 128)
+    assert growth["infini"] < 32, growth
+    assert growth["plain"] > 1024, growth

@@ -256,8 +256,10 @@ def stream(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, config: In
     D], k, v [B, T, Hkv, D] -> (out [B, T, Hq, D], state), equal to `attend` over the whole
     stream so far. Segments are cut by the column index of the stream.
 
-    T > 1 starts a stream (a prefill at column 0): its complete segments go into the memory and
-    the partial last one into the local cache. T == 1 appends the token at column `start`:
+    T > 1 feeds a prefill chunk at column `start`, a multiple of N (0 starts a new stream: the
+    memory is cleared; else the carried memory continues, `generate` prefills a long prompt
+    segment by segment so): its complete segments go into the memory and the partial last one
+    into the local cache. T == 1 appends the token at column `start`:
     attention over the cached part of its segment plus the memory; the token that completes
     a segment writes the segment into the memory (the cache's slots are then reused).
     """
@@ -268,8 +270,9 @@ def stream(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, config: In
             else jnp.asarray(segment_ids, jnp.int32))
     if length > 1:
         full = length // n * n
-        memory = State(*initial_state(batch, k.shape[2], k.shape[3]),
-                       jnp.zeros((batch,), jnp.int32))
+        fresh = jnp.asarray(start) == 0
+        memory = State(*(jnp.where(fresh, jnp.zeros_like(x), x)
+                         for x in (state["m"], state["z"], state["doc"])))
         outs = []
         if full:
             out, memory = attend(q[:, :full], k[:, :full], v[:, :full], gate, n, config.update,
