@@ -132,7 +132,8 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
     infini (with `gate` [Hq], the layer's gate logits): Infini-attention instead
     (`lctx_jax.attention.infini`): segments of infini.segment_len tokens by index, the local
     path rotated at the index inside its segment (ctx.positions are not used), segment ids
-    separating packed documents, `window` on the local path; `cache` is then the infini decode state (`infini.stream`).
+    separating packed documents, `window` on the local path; `cache` is then the infini
+    decode state (`infini.stream`).
     """
     b, t = ctx.positions.shape
     q = dense(num_heads * head_dim, "q", qkv_bias)(x).reshape(b, t, num_heads, head_dim)

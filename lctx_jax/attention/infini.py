@@ -9,7 +9,7 @@ Per segment s and query head h (key/value head g = h // (Hq/Hkv)), with σ(x) = 
     A_mem = σ(q) M_{s−1} / (σ(q) z_{s−1})                0 while z = 0 (the first segment)
     out   = sigmoid(β_h) · A_mem + (1 − sigmoid(β_h)) · A_dot
     linear  M_s = M_{s−1} + σ(k)ᵀ v
-    delta   M_s = M_{s−1} + σ(k)ᵀ (v − σ(k) M_{s−1} / (σ(k) z_{s−1}))     (0 term while z = 0)
+    delta   M_s = M_{s−1} + σ(k)ᵀ (v − σ(k) M_{s−1} / (σ(k) z_{s−1}))   (0 term while z = 0)
             z_s = z_{s−1} + Σ_t σ(k_t)
 
 M [Hkv, D, D] and z [Hkv, D] are f32 whatever the compute dtype (z grows with every token; fp16

@@ -35,7 +35,7 @@ from lctx_jax.attention.infini import InfiniConfig
 from lctx_jax.models import Family
 from lctx_jax.rope import RopeConfig
 
-INFINI_MODEL_TYPE = "lctx_infini"  # config.json model_type of a LLaMA-family model with Infini-attention
+INFINI_MODEL_TYPE = "lctx_infini"  # config.json model_type of a LLaMA model with Infini-attention
 INFINI_NOTE = ("Infini-attention (Munkhdalai et al. 2024) on a {base} model, written by lctx_jax: "
                "transformers has no implementation of it (a {base} model would silently drop "
                "the memory and its gates). Load with lctx_jax.from_hf(path).")
