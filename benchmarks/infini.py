@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--max-log2", type=int, default=20)
     parser.add_argument("--time-lengths", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default="")
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     print(f"# {cpu_model()}, jax {jax.__version__}, segment {args.segment}", flush=True)
     by_impl = specs(args.segment)
