@@ -142,4 +142,6 @@ def test_a_damaged_train_checkpoint_fails_the_resume_naming_it(workspace, tmp_pa
     del meta["checksums"]  # a checkpoint written before checksums: resumes unverified
     meta_file.write_text(json.dumps(meta))
     resume()
-    assert lx.load(run_dir / "models" / "base") is not None
+    # the model holds the flipped bit (verification was off): which array and bit it lands in
+    # depends on Orbax's file layout, and an exponent bit makes an inf, so not checked here
+    assert lx.load(run_dir / "models" / "base", check_finite=False) is not None
