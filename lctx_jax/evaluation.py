@@ -385,6 +385,8 @@ class PasskeyBatches:
                      "stream": int(evaluation)}
         self._batch = 0
         self._row(0, 0)  # a seq_len too short for the prompt fails here, not mid-training
+        if shortest:  # and so does a shortest prompt that cannot hold the task
+            passkey_prompt(tokenizer, shortest, 0.5, 10_000, style)
 
     def _row(self, batch: int, row: int) -> tuple[np.ndarray, int, int]:
         """(the row's seq_len + 1 tokens, where its answer starts, how long the answer is)."""

@@ -63,6 +63,8 @@ def test_passkey_batches_score_the_answer_only(workspace):
         evaluation.PasskeyBatches(tokenizer, 128, 3, seed=6, style="python").set_state(state)
     with pytest.raises(ValueError, match="length must be"):
         evaluation.PasskeyBatches(tokenizer, 20, 1, seed=0, style="python")
+    with pytest.raises(ValueError, match="length must be"):  # rows fit, short prompts do not
+        evaluation.PasskeyBatches(tokenizer, 256, 1, seed=0, style="python", shortest=20)
 
 
 def test_a_plain_model_continues_with_infini_attention_then_a_passkey_task(workspace, tmp_path):
