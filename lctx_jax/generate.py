@@ -197,9 +197,9 @@ def _generate(params: Any, prompt: jax.Array, lengths: jax.Array, eos_ids: jax.A
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return _sample_top_p(logits / temperature, top_p, jax.random.fold_in(rng, step))
 
-    chunk = c.infini.segment_len if getattr(c, "infini", None) is not None else width
-    chunks = (width - 1) // chunk  # whole segments before the one holding the last column
-    if chunks:  # Infini-attention: prefill segment by segment, activations O(N) not O(P)
+    chunk = models.family_of(c).prefill_chunk(c) or width
+    chunks = (width - 1) // chunk  # whole pieces before the one holding the last column
+    if chunks:  # Infini-attention, MEGALODON: prefill piece by piece, activations O(N) not O(P)
         cache = jax.lax.fori_loop(
             0, chunks, lambda i, cache: forward(sequence, cache, i * chunk, chunk, width)[1],
             cache)

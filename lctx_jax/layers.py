@@ -82,10 +82,11 @@ class Linear(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     lora_scale: float = 0.0
+    kernel_init: Callable = nn.initializers.normal(0.02)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                             self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
                 if self.use_bias else None)
@@ -175,10 +176,11 @@ class HeadKernel(nn.Module):
 
     features: int
     param_dtype: jnp.dtype
+    kernel_init: Callable = nn.initializers.normal(0.02)
 
     @nn.compact
     def __call__(self, hidden_size: int) -> jax.Array:
-        return self.param("kernel", nn.initializers.normal(0.02), (hidden_size, self.features),
+        return self.param("kernel", self.kernel_init, (hidden_size, self.features),
                           self.param_dtype)
 
 

@@ -66,6 +66,8 @@ class Family:
         over layers) for `size` tokens.
     hf_tied_head: (LM head tensor, embedding tensor) names of a tied head that a checkpoint
         may also store (read untied when the two differ, as transformers does), or None.
+    prefill_chunk(config) -> the most tokens one decode-state call may feed (`generate`
+        prefills a longer prompt in pieces of that size, at multiples of it), or None: any.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Family:
     flops_per_token: Callable[[Any, int], float]
     decode_state: Callable[[Any, int, int, Any], Any]
     hf_tied_head: tuple[str, str] | None = None
+    prefill_chunk: Callable[[Any], "int | None"] = lambda config: None
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -121,6 +124,7 @@ def config_from_hf(hf: Mapping[str, Any], rope_scaling: Mapping[str, Any] | None
     return family.config.from_hf(hf, rope_scaling)
 
 
-from lctx_jax.models import llama  # noqa: E402  (after Family, which the family modules use)
+from lctx_jax.models import llama, megalodon  # noqa: E402  (after Family, which they use)
 
 register(llama.FAMILY)
+register(megalodon.FAMILY)

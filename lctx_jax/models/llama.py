@@ -530,4 +530,5 @@ FAMILY = Family(
     decoder=Decoder, hf_layout=hf_layout, read_hf=read_hf, write_hf=write_hf,
     sharding_rules=SHARDING_RULES, lora_targets=LORA_TARGETS,
     flops_per_token=flops_per_token, decode_state=decode_state,
-    hf_tied_head=("lm_head.weight", "model.embed_tokens.weight"))
+    hf_tied_head=("lm_head.weight", "model.embed_tokens.weight"),
+    prefill_chunk=lambda config: None if config.infini is None else config.infini.segment_len)
