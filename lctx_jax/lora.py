@@ -41,7 +41,8 @@ Tree = Any
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """rank r and alpha (update scale alpha / r) of the adapters on `targets`; `trainable`: which
-    base weights train besides them ("embed", "norm": every norm's scale, weight and bias, "lm_head").
+    base weights train besides them ("embed", "norm": every norm's scale, weight and bias,
+    "lm_head").
     Defaults: LongLoRA's r = 8, alpha = 16 on q, k, v, o with embeddings and norms trained."""
 
     rank: int = 8
@@ -106,8 +107,9 @@ ALWAYS_TRAINED = (infini.GATE,)  # leaves a checkpoint never has: Infini-attenti
 
 def trainable_mask(params: Tree, config: LoraConfig | None) -> Tree:
     """bool tree shaped like params: True for the base weights that train. With LoRA, those
-    `config.trainable` names ("embed" → embed/embedding, "norm" → every norm's scale / weight / bias,
-    "lm_head" → lm_head/kernel, absent with tied embeddings) and the ALWAYS_TRAINED leaves;
+    `config.trainable` names ("embed" → embed/embedding, "norm" → every norm's scale, weight
+    and bias, "lm_head" → lm_head/kernel, absent with tied embeddings) and the ALWAYS_TRAINED
+    leaves;
     with None (full fine-tuning), all."""
     flat = traverse_util.flatten_dict(params)
     if config is None:

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 CEMA_PARAMS = ("alpha", "delta", "theta", "gamma", "omega")

@@ -483,7 +483,8 @@ def _layer_tensors(c: MegalodonConfig) -> list[tuple[tuple[str, ...], str, tuple
         out.append(((ours, "kernel"), f"mega.{ours}.weight", shape, True))
         if bias:
             out.append(((ours, "bias"), f"mega.{ours}.bias", (shape[1],), False))
-    out += [(("qk_scale",), "mega.gamma", (2, z), False), (("qk_bias",), "mega.beta", (2, z), False),
+    out += [(("qk_scale",), "mega.gamma", (2, z), False),
+            (("qk_bias",), "mega.beta", (2, z), False),
             (("ffn_norm", "weight"), "nffn.norm.weight", (d,), False),
             (("ffn_norm", "bias"), "nffn.norm.bias", (d,), False),
             (("fc1", "kernel"), "nffn.fc1.weight", (d, f), True),
