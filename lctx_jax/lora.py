@@ -109,8 +109,7 @@ def trainable_mask(params: Tree, config: LoraConfig | None) -> Tree:
     """bool tree shaped like params: True for the base weights that train. With LoRA, those
     `config.trainable` names ("embed" → embed/embedding, "norm" → every norm's scale, weight
     and bias, "lm_head" → lm_head/kernel, absent with tied embeddings) and the ALWAYS_TRAINED
-    leaves;
-    with None (full fine-tuning), all."""
+    leaves; with None (full fine-tuning), all."""
     flat = traverse_util.flatten_dict(params)
     if config is None:
         return traverse_util.unflatten_dict({path: True for path in flat})
