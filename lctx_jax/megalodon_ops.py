@@ -217,10 +217,10 @@ def _merge(a: tuple, b: tuple) -> tuple:
     na, ma, va = a
     nb, mb, vb = b
     n = na + nb
-    wb = jnp.where(n > 0, nb.astype(jnp.float32) / jnp.maximum(n, 1).astype(jnp.float32), 0.0)
-    wa = 1.0 - wb
-    delta = mb - ma
-    return n, ma + wb * delta, wa * va + wb * vb + wa * wb * delta * delta
+    total = jnp.maximum(n, 1).astype(jnp.float32)
+    wa, wb = na.astype(jnp.float32) / total, nb.astype(jnp.float32) / total  # each exactly 0
+    delta = mb - ma  # for an empty side, whatever its mean (XLA may round nb/n below 1)
+    return n, wa * ma + wb * mb, wa * va + wb * vb + wa * wb * delta * delta
 
 
 def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, num_groups: int,
@@ -251,6 +251,7 @@ def timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, num_groups: 
     step_mean = groups.mean(-1)
     step_var = jnp.square(groups - step_mean[..., None]).mean(-1)
     real = (jnp.ones((b, t), bool) if mask is None else mask.astype(bool))
+    step_mean, step_var = (jnp.where(real[..., None], v, 0.0) for v in (step_mean, step_var))
     count = jnp.broadcast_to(real[..., None].astype(jnp.int32), step_mean.shape)
     running = lax.associative_scan(_merge, (count, step_mean, step_var), axis=1)
     if state is None:
