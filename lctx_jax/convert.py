@@ -341,7 +341,7 @@ def to_hf(model: Model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_S
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = np.ascontiguousarray(array)
+        shards[-1][name] = np.ascontiguousarray(array).reshape(array.shape)  # keeps 0-d
         size += array.nbytes
     if not writer:
         return

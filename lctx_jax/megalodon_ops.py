@@ -183,7 +183,9 @@ def _device_prefix_state(s: jax.Array, log_q: jax.Array, t: int, h0: jax.Array |
                          axis_name: str) -> jax.Array:
     """The state entering this device's piece: q^{rT} h0 + Σ_{k<r} q^{(r−1−k)T} s_k, from the
     zero-start states s_k of every device's piece (each T tokens long)."""
-    states = lax.all_gather(s, axis_name)  # [P, B, D, N]
+    # as f32 (re, im): TPU lowers the backward's reduce-scatter of real sums only
+    parts = lax.all_gather(jnp.stack([jnp.real(s), jnp.imag(s)]), axis_name)  # [P, 2, B, D, N]
+    states = lax.complex(parts[:, 0], parts[:, 1])
     devices, rank = states.shape[0], lax.axis_index(axis_name)
     k = jnp.arange(devices)
     hops = jnp.where(k < rank, rank - 1 - k, 0)  # pieces between device k's end and our start

@@ -128,8 +128,9 @@ class MegalodonConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any],
                 rope_scaling: Mapping[str, Any] | None = None) -> "MegalodonConfig":
-        """From a config.json dict in the released code's vocabulary (rope_base is read as
-        rope_theta). A rope_scaling is refused: see the class docstring."""
+        """From a config.json dict in the released code's vocabulary (its rope_base is
+        rope_theta; `to_hf` writes both). A rope_scaling is refused: see the class
+        docstring."""
         if hf.get("model_type") != MODEL_TYPE:
             raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; "
                              f"{cls.__name__} reads {MODEL_TYPE!r}")
@@ -140,7 +141,11 @@ class MegalodonConfig:
                 raise ValueError(f"config.json: {name}={hf[name]!r} is not implemented by "
                                  f"lctx_jax (it needs {name}={default!r})")
         vocab = fields.integer(hf, "vocab_size")
-        theta = hf.get("rope_theta", hf.get("rope_base"))
+        theta, base = hf.get("rope_theta"), hf.get("rope_base")
+        if None not in (theta, base) and theta != base:
+            raise ValueError(f"config.json: rope_theta={theta} and rope_base={base} (the "
+                             "released code's name) disagree; keep one")
+        theta = base if theta is None else theta
         return cls(
             vocab_size=vocab, model_dim=fields.integer(hf, "model_dim"),
             num_layers=fields.integer(hf, "num_layers"),
@@ -168,6 +173,7 @@ class MegalodonConfig:
             value = getattr(self, f.name)
             out["share_emb" if f.name == "tie_word_embeddings" else f.name] = (
                 list(value) if isinstance(value, tuple) else value)
+        out["rope_base"] = self.rope_theta  # the released ModelConf's name for it
         return out
 
     def with_rope_scaling(self, rope_scaling: Mapping[str, Any] | None) -> "MegalodonConfig":
