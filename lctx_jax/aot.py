@@ -76,8 +76,11 @@ def topology_devices(name: str) -> list[Any]:
     try:
         return list(topologies.get_topology_desc(topology_name(name), "tpu").devices)
     except (RuntimeError, ValueError) as err:
+        fix = ("another process holds libtpu's lock (/tmp/libtpu_lockfile; any jax process "
+               "takes it): run with ALLOW_MULTIPLE_LIBTPU_LOAD=1 in the environment"
+               if "lockfile" in str(err) else "install libtpu with `pip install -e '.[tpu]'`")
         raise ConfigError(f"--compile_only={name!r}: no compile-only TPU topology ({err}); "
-                          "install libtpu with `pip install -e '.[tpu]'`") from err
+                          f"{fix}") from err
 
 
 @dataclasses.dataclass(frozen=True)

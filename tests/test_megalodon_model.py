@@ -7,9 +7,10 @@ LoRA. The sequence operators themselves (cema, timestep_norm) are tested in
 tests/test_megalodon_ops.py.
 
 Models are tiny (model_dim 16, 2 layers (1 on meshes), chunk 8 (4 on meshes), vocabulary 64)
-and their parameters are drawn here, all of them non-trivial: the zero-initialised ones (every norm's weight and bias,
-qk_scale / qk_bias, the projections' biases, CEMA gamma's imaginary part) too, so a missing
-"+ 1", a swapped gamma / beta or a dropped bias shows in the logits.
+and their parameters are drawn here, all of them non-trivial: the zero-initialised ones
+(every norm's weight and bias, qk_scale / qk_bias, the projections' biases, CEMA gamma's
+imaginary part) too, so a missing "+ 1", a swapped gamma / beta or a dropped bias shows in the
+logits.
 
 Tolerances are relative to the largest reference value (`assert_rel`). f32 against the float64
 reference agrees to ~1e-6 of the logits' scale here; 2e-5 is used.
