@@ -7,7 +7,8 @@ value_dim 8192, SwiGLU FFN 8192, chunk 2048, 64 norm groups, cema_ndim 16; the p
 chunk 4096 and RoPE base 100,000, the released preset 2048 and 10,000), the Llama-2 tokenizer
 (32K vocabulary). Paper recipe: AdamW (0.9, 0.95), lr 3.5e-4 cosine, 2500 warmup steps,
 weight decay 0.1, clip 1.0, 32K context, 2T tokens (global batch 4M tokens = 128 × 32K); PG19
-here (the paper's data are not public).
+here (the paper's data are not public). One difference: lctx_jax decays kernels and embeddings
+only, where the released optimizer decays every parameter (CEMA, norms, biases too).
 
     python train.py --config configs/megalodon_7b_32k.py --config.tokenizer=/ckpt/tokenizer.model
 Sizing (measured: `--compile_only=v5p:2x2x4`): see the README's pod table.

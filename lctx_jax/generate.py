@@ -36,6 +36,10 @@ forward over the padded batch token for token (the local rotation has a fixed se
 segment, and LongRoPE's refresh does not apply); but a left-padded row's segments start at
 its first column, not its first real token, so unlike the above it is not computed as if it
 were alone: batch prompts of one length (passkey evaluation does) or generate row by row.
+MEGALODON models likewise carry per layer their CEMA state, norm statistics and one chunk of
+K/V, prefilled chunk by chunk; padding (segment 0) is left out of the norm statistics and adds
+nothing to the CEMA state, but chunks too are cut by column: batch prompts of one length, or
+generate row by row. Their state is recurrent, so use_cache=False is refused.
 Because seq_len is batch-wide, rows of different lengths share one dynamic-NTK base / LongRoPE
 factor set, as in transformers; with length-independent methods rows never interact.
 """
@@ -86,6 +90,10 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int = 32, *,
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng, a jax.random key")
+    if not use_cache and not model.family.refeeds:
+        raise ValueError(f"use_cache=False refeeds the whole sequence for every token, which a "
+                         f"{model.family.name} model's recurrent decode state cannot start "
+                         "afresh; use use_cache=True (its cached decoding equals a full forward)")
     eos_ids, pad_id = _eos_and_pad(model, eos_token_id)
     prompt, lengths = _left_padded(prompt_ids, prompt_lengths, pad_id, model.config.vocab_size)
     if rng is None:

@@ -180,14 +180,15 @@ def test_tied_head_is_the_embedding(exported):
 
 def test_state_dict_names_and_shapes(exported):
     """The exported tensors are exactly the released state dict's (names and torch shapes,
-    Linear weights [out, in]), TimestepNorm's prior buffers at the released init."""
+    Linear weights [out, in]), the buffers (TimestepNorm's priors, the rotary frequencies) as
+    the released code initialises them."""
     model, ref = exported["swiglu_scaled_tied"]
     c = model.config
     d, z, v, f, n = c.model_dim, c.z_dim, c.value_dim, c.ffn_hidden_dim, c.cema_ndim
     want = {"embed.weight": (VOCAB, d), "output.output.weight": (VOCAB, d),
             "output.final_norm.weight": (d,), "output.final_norm.bias": (d,),
             "output.final_norm.prior_count": (), "output.final_norm.prior_mean": (8,),
-            "output.final_norm.prior_logv": (8,)}
+            "output.final_norm.prior_logv": (8,), "rope.freqs": (c.head_dim // 2,)}
     for i in range(c.num_layers):
         m, ffn = f"layers.{i}.mega.", f"layers.{i}.nffn."
         want.update({
@@ -207,6 +208,10 @@ def test_state_dict_names_and_shapes(exported):
         if "prior" in name:
             assert not t.any(), name  # count 0, mean 0, log-variance 0
     assert ref.state["layers.0.mega.timenorm.prior_count"].dtype == torch.int64
+    # the released RotaryEmbedding's buffer: 1 / base^(j / d_z), j = 0, 2, ...
+    j = np.arange(0, c.head_dim, 2)
+    np.testing.assert_allclose(ref.state["rope.freqs"].numpy(),
+                               1.0 / c.rope_theta ** (j / c.head_dim), rtol=1e-6)
     # gamma / beta are qk_scale / qk_bias, in that order (q row 0, k row 1)
     np.testing.assert_array_equal(ref.state["layers.1.mega.gamma"].numpy(),
                                   np.asarray(model.params["layers"]["qk_scale"][1]))
@@ -385,6 +390,21 @@ def test_sequence_length_and_attention_errors(exported):
         jax.eval_shape(model.replace(attention="flash").apply, model.params, random_ids(2, 8))
 
 
+def test_recurrent_state_refusals(exported):
+    """generate(use_cache=False) would refeed the sequence into a recurrent state; a call with
+    a decode state longer than a chunk cannot fit the chunk's K/V slots: both named errors."""
+    model, _ = exported["base"]
+    with pytest.raises(ValueError, match="use_cache=True"):
+        lx.generate(model, random_ids(1, 5), 3, use_cache=False)
+    c = model.config
+    state = lx.models.family_of(c).decode_state(c, 1, 16, jnp.float32)
+    ids = random_ids(1, c.chunk_size + 1)
+    ctx = lx.layers.Context(jnp.zeros(ids.shape, jnp.int32), None, None, None, jnp.int32(0))
+    with pytest.raises(ValueError, match="at most one chunk"):
+        jax.eval_shape(lambda p: model.module.apply({"params": p}, ids, ctx, state),
+                       model.params)
+
+
 # ----------------------------------------------------------------------------- 4. locality
 
 
@@ -534,8 +554,9 @@ def test_chunk_parallel_length_error(one_device):
     spec = model.replace(mesh=lx.make_mesh(data=1, sequence=8)).spec
     with pytest.raises(ValueError, match="chunk_size=4"):  # 16 = 4 chunks for 8 devices
         jax.eval_shape(spec.apply, model.params, random_ids(2, 16))
-    with pytest.raises(ValueError, match="multiple of 32"):
-        jax.eval_shape(spec.apply, model.params, random_ids(2, 48))
+    for length in (12, 20, 48):  # whole chunks, but not whole chunks per device (nor T/P)
+        with pytest.raises(ValueError, match="multiple of 32"):
+            jax.eval_shape(spec.apply, model.params, random_ids(2, length))
     jax.eval_shape(spec.apply, model.params, random_ids(2, 64))  # 2 chunks per device
 
 

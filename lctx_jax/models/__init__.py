@@ -68,6 +68,9 @@ class Family:
         may also store (read untied when the two differ, as transformers does), or None.
     prefill_chunk(config) -> the most tokens one decode-state call may feed (`generate`
         prefills a longer prompt in pieces of that size, at multiples of it), or None: any.
+    refeeds: whether a decode-state call from slot 0 starts the state afresh, so `generate`
+        may feed the whole sequence again (use_cache=False); False for a recurrent state that
+        such a call would carry on from.
     """
 
     name: str
@@ -83,6 +86,7 @@ class Family:
     decode_state: Callable[[Any, int, int, Any], Any]
     hf_tied_head: tuple[str, str] | None = None
     prefill_chunk: Callable[[Any], "int | None"] = lambda config: None
+    refeeds: bool = True
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -18,9 +18,10 @@ head (share_emb).
 
 Documents. Segment ids (packed training rows, generation's left padding) keep attention inside
 a document; segment id 0 marks padding, which TimestepNorm leaves out of its statistics and
-whose CEMA input is 0, so a left-padded row's states are those of the row alone. Across a
-document boundary inside a row, CEMA and the norm statistics carry on, as the released code
-trains on one concatenated stream.
+whose CEMA input is 0, so a left-padded row's CEMA and norm states are those of the row alone
+(its chunks, cut by column, are not, unless the padding is whole chunks). Across a document
+boundary inside a row, CEMA and the norm statistics carry on, as the released code trains on
+one concatenated stream.
 
 Chunk parallelism (the paper's 4-D parallelism, its "chunk" dimension). On a mesh whose
 "sequence" axis has P > 1 devices, a [B, T] input is split into P contiguous pieces of T/P
@@ -293,14 +294,14 @@ class Block(nn.Module):
         c = self.config
         b, t, _ = x.shape
         mask = None if ctx.segment_ids is None else ctx.segment_ids > 0
-        weight, bias = NormParams(c.model_dim, self.param_dtype, name="timenorm")()
+        norm = NormParams(c.model_dim, self.param_dtype, name="timenorm")()
         norm_state = None if state is None else NormState(*(state[n] for n in NormState._fields))
-        xn, norm_state = _sequence_op(self.mesh, state is None, _timestep_norm, x, weight, bias,
-                                      mask, config=c, state=norm_state)
+        xn, norm_state = _sequence_op(self.mesh, c, _timestep_norm, x, norm, norm_state, mask)
         cema_params = self.param("cema", lambda rng: init_cema_params(
             rng, c.model_dim, c.cema_ndim, self.param_dtype))
-        mixed, h = _sequence_op(self.mesh, state is None, _cema, xn, cema_params, mask,
-                                state=None if state is None else state["h"])
+        # padding is 0 in xn already (timestep_norm's output): no mask for the CEMA
+        mixed, h = _sequence_op(self.mesh, c, _cema, xn, cema_params,
+                                None if state is None else state["h"])
         mx = rms_norm(mixed, NormParams(c.model_dim, self.param_dtype, bias=False,
                                         name="rmsnorm")()[0], c.norm_eps).astype(self.dtype)
         z = self.dense(c.z_dim, "wz")(mx).reshape(b, t, c.num_heads, c.head_dim)
@@ -314,7 +315,7 @@ class Block(nn.Module):
         r = nn.silu(self.dense(c.value_dim, "wr")(mx))
         v = v.reshape(b, t, c.num_heads, c.value_head_dim)
         if state is None:
-            out = _full_attention(q, k, v, ctx.segment_ids, c, self.mesh)
+            out = _full_attention(q, k, v, ctx.segment_ids, c)
             new_state = None
         else:
             out, kv = _cached_attention(q, k, v, ctx, state, c)
@@ -332,62 +333,65 @@ class Block(nn.Module):
         return sharding.constrain(y, self.mesh if state is None else None, None), new_state
 
 
-def _timestep_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, mask: jax.Array | None,
-                   *, config: MegalodonConfig, state: NormState | None,
-                   axis_name: str | None = None) -> tuple[jax.Array, NormState]:
+def _timestep_norm(x: jax.Array, norm: tuple[jax.Array, jax.Array], state: NormState | None,
+                   mask: jax.Array | None, config: MegalodonConfig, axis_name: str | None
+                   ) -> tuple[jax.Array, NormState]:
     groups = config.norm_num_groups * x.shape[-1] // config.model_dim  # fewer on a D shard
-    return timestep_norm(x, weight, bias, groups, config.norm_eps, state, mask,
-                         axis_name=axis_name)
+    return timestep_norm(x, *norm, groups, config.norm_eps, state, mask, axis_name=axis_name)
 
 
-def _cema(x: jax.Array, params: dict, mask: jax.Array | None, *, state: jax.Array | None,
-          axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
-    del mask  # padding is already 0 in x (timestep_norm's output)
+def _cema(x: jax.Array, params: dict, state: jax.Array | None, mask: None,
+          config: MegalodonConfig, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
     return cema(x, params, state, axis_name=axis_name)
 
 
-def _sequence_op(mesh: Any, whole: bool, op: Callable, x: jax.Array, weight: Any, *rest: Any,
-                 **kwargs: Any) -> tuple[jax.Array, Any]:
-    """op(x, weight, *rest) -> (y, state); on a mesh with a "sequence" axis of P > 1 (and a
-    call without decode state, `whole`), under shard_map: x [B, T, D] split over batch,
-    sequence and (when it divides the groups / features) "tensor" on D, `weight`'s leaves
-    split like D on their first axis. The state is then not returned (None)."""
-    if mesh is None or not whole or mesh.shape.get(sharding.SEQUENCE_AXIS, 1) == 1:
-        return op(x, weight, *rest, **kwargs)
-    config = kwargs.get("config")
-    groups = config.norm_num_groups if config is not None else x.shape[-1]
+def _sequence_op(mesh: Any, config: MegalodonConfig, op: Callable, x: jax.Array, params: Any,
+                 state: Any, mask: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """op(x [B, T, D], params (leaves [D, ...]), state, mask [B, T], config, axis_name) ->
+    (y, state). With a decode state or without a "sequence" axis of P > 1, called as it is.
+    Otherwise (a training / evaluation call, state None) under shard_map: x split over batch,
+    "sequence" and, when it divides the norm groups, "tensor" on D (both ops are per feature
+    or per group), `params` like D, mask like x's rows; the state is then not returned."""
+    if state is not None or mesh is None or mesh.shape.get(sharding.SEQUENCE_AXIS, 1) == 1:
+        return op(x, params, state, mask, config, None)
     spec = sharding.fit_spec(sharding.activation_spec(sharding.TENSOR_AXIS), x.shape, mesh)
     batch, _, feature = (*spec, None, None, None)[:3]
-    if feature is not None and groups % mesh.shape[sharding.TENSOR_AXIS]:
+    if feature is not None and config.norm_num_groups % mesh.shape[sharding.TENSOR_AXIS]:
         feature = None
     x_spec = P(batch, sharding.SEQUENCE_AXIS, feature)
-    rows = P(batch, sharding.SEQUENCE_AXIS)
 
-    def local(x: jax.Array, weight: Any, *rest: Any) -> jax.Array:
-        return op(x, weight, *rest, axis_name=sharding.SEQUENCE_AXIS, **kwargs)[0]
+    def local(x: jax.Array, params: Any, mask: jax.Array | None) -> jax.Array:
+        return op(x, params, None, mask, config, sharding.SEQUENCE_AXIS)[0]
 
-    weight_spec = jax.tree.map(lambda _: P(feature), weight)
-    rest_specs = tuple(P(feature) if r is not None and r.ndim == 1 else rows for r in rest)
-    y = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, weight_spec, *rest_specs),
-                      out_specs=x_spec, check_vma=False)(x, weight, *rest)
+    in_specs = (x_spec, jax.tree.map(lambda _: P(feature), params),
+                None if mask is None else P(batch, sharding.SEQUENCE_AXIS))
+    y = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=x_spec,
+                      check_vma=False)(x, params, mask)
     return y, None
 
 
+def check_length(config: MegalodonConfig, length: int, mesh: Any = None) -> None:
+    """ValueError unless a call without decode state of `length` tokens cuts into whole chunks
+    (length ≤ chunk_size, or a multiple of it) and, on a mesh whose "sequence" axis has P > 1
+    devices, into whole chunks per device (a multiple of P·chunk_size)."""
+    c = config.chunk_size
+    if length > c and length % c:
+        raise ValueError(f"MEGALODON attends within chunks of chunk_size={c} tokens: a sequence "
+                         f"longer than a chunk must be a multiple of it, got {length} tokens; "
+                         f"pad or cut the input to a multiple of {c}")
+    pieces = 1 if mesh is None else mesh.shape.get(sharding.SEQUENCE_AXIS, 1)
+    if pieces > 1 and length % (pieces * c):
+        raise ValueError(f"chunk parallelism splits {length} tokens over {pieces} devices of "
+                         f"the mesh axis 'sequence' in whole chunks of chunk_size={c}: the "
+                         f"length must be a multiple of {pieces * c}")
+
+
 def _full_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                    c: MegalodonConfig, mesh: Any) -> jax.Array:
-    """Chunked attention of a call without decode state: T ≤ c is one chunk, else T is a
-    multiple of c. -> [B, T, H, dv]."""
+                    c: MegalodonConfig) -> jax.Array:
+    """Chunked attention of a call without decode state (`check_length` holds) -> [B, T, H,
+    dv]."""
     b, t = q.shape[:2]
     size = min(t, c.chunk_size)
-    if t % size:
-        raise ValueError(f"MEGALODON attends within chunks of chunk_size={c.chunk_size} "
-                         f"tokens: a sequence longer than a chunk must be a multiple of it, got "
-                         f"{t} tokens; pad or cut the input to a multiple of {c.chunk_size}")
-    pieces = 1 if mesh is None else mesh.shape.get(sharding.SEQUENCE_AXIS, 1)
-    if pieces > 1 and t % (pieces * c.chunk_size):
-        raise ValueError(f"chunk parallelism splits {t} tokens over {pieces} devices of the "
-                         f"mesh axis 'sequence' in whole chunks of chunk_size={c.chunk_size}: "
-                         f"the length must be a multiple of {pieces * c.chunk_size}")
     slots = jnp.arange(size)
 
     def chunks(x: jax.Array) -> jax.Array:
@@ -404,6 +408,10 @@ def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: layers.Cont
     """This call's tokens (inside one chunk, the first at index ctx.cache_index) written into
     the chunk's key/value slots, then attended -> (out [B, T, H, dv], {"k", "v", "seg"})."""
     b, t = q.shape[:2]
+    if t > c.chunk_size:
+        raise ValueError(f"a MEGALODON call with a decode state feeds at most one chunk "
+                         f"(chunk_size={c.chunk_size}) of tokens, got {t}; feed longer inputs "
+                         "chunk by chunk, each starting at a multiple of chunk_size")
     first = ctx.cache_index % c.chunk_size
     slots = first + jnp.arange(t)
     q, k = (rotate_interleaved(x, slots, c.rope_theta) for x in (q, k))
@@ -439,6 +447,8 @@ class Decoder(nn.Module):
         embed = nn.Embed(c.vocab_size, c.model_dim, dtype=self.dtype,
                          param_dtype=self.param_dtype, embedding_init=gaussian(c.model_dim),
                          name="embed")
+        if state is None:
+            check_length(c, input_ids.shape[1], self.mesh)
         h = embed(input_ids)
         if c.scale_emb:
             h = h * math.sqrt(c.model_dim)
@@ -450,12 +460,11 @@ class Decoder(nn.Module):
         h, layer_state = stack(c, self.dtype, self.param_dtype, self.attention, self.mesh,
                                self.lora_scale, name="layers")(
             h, None if state is None else state["layers"], ctx)
-        weight, bias = NormParams(c.model_dim, self.param_dtype, name="final_norm")()
+        norm = NormParams(c.model_dim, self.param_dtype, name="final_norm")()
         mask = None if ctx.segment_ids is None else ctx.segment_ids > 0
         final = None if state is None else NormState(*(state["final"][n]
                                                        for n in NormState._fields))
-        h, final = _sequence_op(self.mesh, state is None, _timestep_norm, h, weight, bias,
-                                mask, config=c, state=final)
+        h, final = _sequence_op(self.mesh, c, _timestep_norm, h, norm, final, mask)
         if state is not None:
             state = {"layers": layer_state, "final": final._asdict()}
         if c.tie_word_embeddings:
@@ -505,8 +514,9 @@ _NORM_BUFFERS = ("prior_count", "prior_mean", "prior_logv")  # released Timestep
 
 def hf_layout(config: MegalodonConfig) -> dict[str, tuple[int, ...] | None]:
     """Every tensor of the released code's state dict, with its shape (torch Linear weights
-    [out, in]); None for TimestepNorm's prior buffers (written as the released init, not
-    read: lctx_jax has no learned prior) and the copy of a tied head."""
+    [out, in]); None for the buffers (TimestepNorm's priors and the rotary frequencies: written
+    as the released code computes them, not read: lctx_jax has no learned prior and computes
+    the frequencies from rope_theta) and the copy of a tied head."""
     c = config
     layout: dict[str, tuple[int, ...] | None] = {"embed.weight": (c.vocab_size, c.model_dim)}
     for i in range(c.num_layers):
@@ -517,6 +527,7 @@ def hf_layout(config: MegalodonConfig) -> dict[str, tuple[int, ...] | None]:
     layout.update({f"output.final_norm.{b}": None for b in _NORM_BUFFERS})
     layout["output.output.weight"] = (None if c.tie_word_embeddings
                                       else (c.vocab_size, c.model_dim))
+    layout["rope.freqs"] = None
     return layout
 
 
@@ -559,6 +570,8 @@ def write_hf(params: Mapping[str, Any], config: MegalodonConfig,
         yield f"output.final_norm.{leaf}", to_host(params["final_norm"][leaf])
     for buffer, value in buffers.items():
         yield f"output.final_norm.{buffer}", value
+    exponents = np.arange(0, c.head_dim, 2) / c.head_dim
+    yield "rope.freqs", (1.0 / c.rope_theta ** exponents).astype(np.float32)
     if c.tie_word_embeddings:  # the released code's head is the embedding itself
         yield "output.output.weight", to_host(params["embed"]["embedding"])
     else:
@@ -626,4 +639,4 @@ FAMILY = Family(
     hf_layout=hf_layout, read_hf=read_hf, write_hf=write_hf, sharding_rules=SHARDING_RULES,
     lora_targets=LORA_TARGETS, flops_per_token=flops_per_token, decode_state=decode_state,
     hf_tied_head=("output.output.weight", "embed.weight"),
-    prefill_chunk=lambda config: config.chunk_size)
+    prefill_chunk=lambda config: config.chunk_size, refeeds=False)
