@@ -98,3 +98,25 @@ def token_id(fields: Mapping[str, Any], key: str, vocab_size: int, *, many: bool
         raise ValueError(f"{where}: {key}={value} is outside the vocabulary [0, vocab_size="
                          f"{vocab_size}); fix the id or vocab_size")
     return int(value)
+
+
+def check_positive_ints(owner: str, config: Any, names: tuple[str, ...]) -> None:
+    """ValueError unless every `config.<name>` is an int >= 1 (the message names
+    `owner.<name>`)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{owner}.{name}={value!r} must be an int >= 1")
+
+
+def check_special_tokens(owner: str, config: Any) -> None:
+    """ValueError unless config.bos_token_id, pad_token_id and every eos_token_id (an int or a
+    tuple of them) are None or in [0, config.vocab_size)."""
+    eos = config.eos_token_id
+    eos = eos if isinstance(eos, tuple) else (eos,)
+    for name, token in (("bos_token_id", config.bos_token_id),
+                        ("pad_token_id", config.pad_token_id),
+                        *(("eos_token_id", t) for t in eos)):
+        if token is not None and not 0 <= token < config.vocab_size:
+            raise ValueError(f"{owner}.{name}={token} is outside the vocabulary [0, "
+                             f"{config.vocab_size})")

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lctx_jax import sharding
 from lctx_jax.attention import attend, infini as infini_lib
 from lctx_jax.rope import RopeArrays, RopeConfig
 
@@ -182,6 +183,24 @@ class HeadKernel(nn.Module):
     def __call__(self, hidden_size: int) -> jax.Array:
         return self.param("kernel", self.kernel_init, (hidden_size, self.features),
                           self.param_dtype)
+
+
+def lm_output(hidden: jax.Array, embed: nn.Embed, tie_word_embeddings: bool, param_dtype: Any,
+              dtype: Any, mesh: Any, logits: bool,
+              kernel_init: Callable = nn.initializers.normal(0.02)) -> jax.Array:
+    """A decoder's last step, inside its compact call: the final hidden states [B, T, H] as
+    they are (logits=False), or f32 logits [B, T, vocab] by the LM head, the embedding's
+    transpose when tied, else "lm_head" (a HeadKernel made in the calling module); on a mesh
+    constrained to batch, sequence and vocabulary over "tensor"."""
+    if tie_word_embeddings:
+        head = embed.embedding.T
+    else:
+        head = HeadKernel(embed.num_embeddings, param_dtype, kernel_init=kernel_init,
+                          name="lm_head")(embed.features)
+    if not logits:
+        return hidden
+    out = head_logits(hidden, head, dtype)
+    return sharding.constrain(out, mesh, sharding.TENSOR_AXIS)
 
 
 def head_logits(hidden: jax.Array, head: jax.Array, dtype: Any) -> jax.Array:

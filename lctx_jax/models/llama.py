@@ -88,20 +88,13 @@ class ModelConfig:
         if self.model_type not in self.ARCHITECTURES:
             raise ValueError(f"model_type {self.model_type!r} is not one of this config "
                              f"class's: {', '.join(self.ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"ModelConfig.{name}={value!r} must be an int >= 1")
+        fields.check_positive_ints("ModelConfig", self, (
+            "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+            "num_kv_heads", "head_dim"))
         if not 0 < self.rms_norm_eps < math.inf:
             raise ValueError(f"ModelConfig.rms_norm_eps={self.rms_norm_eps} must be finite and "
                              "> 0")
-        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-        for name, token in (("bos_token_id", self.bos_token_id), ("pad_token_id",
-                            self.pad_token_id), *(("eos_token_id", t) for t in eos)):
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"ModelConfig.{name}={token} is outside the vocabulary [0, "
-                                 f"{self.vocab_size})")
+        fields.check_special_tokens("ModelConfig", self)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_kv_heads})")
@@ -352,16 +345,8 @@ class Decoder(nn.Module):
         h, cache = stack(c, self.dtype, self.param_dtype, self.attention, self.mesh,
                          self.lora_scale, name="layers")(h, cache, ctx)
         h = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h).reshape(b, t, -1)
-        if c.tie_word_embeddings:
-            head = embed.embedding.T
-        else:
-            head = layers.HeadKernel(c.vocab_size, self.param_dtype, name="lm_head")(
-                c.hidden_size)
-        if not logits:
-            return h, cache
-        out = layers.head_logits(h, head, self.dtype)
-        return sharding.constrain(out, self.mesh if cache is None else None,
-                                  sharding.TENSOR_AXIS), cache
+        return layers.lm_output(h, embed, c.tie_word_embeddings, self.param_dtype, self.dtype,
+                                self.mesh if cache is None else None, logits), cache
 
 
 # ----------------------------------------------------------------------------- HF names

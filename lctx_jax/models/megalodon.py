@@ -95,12 +95,9 @@ class MegalodonConfig:
     infini: ClassVar[None] = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "model_dim", "num_layers", "num_heads", "z_dim",
-                     "value_dim", "ffn_hidden_dim", "cema_ndim", "chunk_size",
-                     "norm_num_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"MegalodonConfig.{name}={value!r} must be an int >= 1")
+        fields.check_positive_ints("MegalodonConfig", self, (
+            "vocab_size", "model_dim", "num_layers", "num_heads", "z_dim", "value_dim",
+            "ffn_hidden_dim", "cema_ndim", "chunk_size", "norm_num_groups"))
         for name in ("z_dim", "value_dim"):
             if getattr(self, name) % self.num_heads:
                 raise ValueError(f"MegalodonConfig.{name}={getattr(self, name)} must be a "
@@ -115,12 +112,7 @@ class MegalodonConfig:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"MegalodonConfig.{name}={getattr(self, name)} must be "
                                  "finite and > 0")
-        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-        for name, token in (("bos_token_id", self.bos_token_id), ("pad_token_id",
-                            self.pad_token_id), *(("eos_token_id", t) for t in eos)):
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(f"MegalodonConfig.{name}={token} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
+        fields.check_special_tokens("MegalodonConfig", self)
 
     hidden_size = property(lambda self: self.model_dim)
     head_dim = property(lambda self: self.z_dim // self.num_heads)  # d_z: the heads' unit
@@ -467,17 +459,9 @@ class Decoder(nn.Module):
         h, final = _sequence_op(self.mesh, c, _timestep_norm, h, norm, final, mask)
         if state is not None:
             state = {"layers": layer_state, "final": final._asdict()}
-        if c.tie_word_embeddings:
-            head = embed.embedding.T
-        else:
-            head = layers.HeadKernel(c.vocab_size, self.param_dtype,
-                                     kernel_init=gaussian(c.model_dim), name="lm_head")(
-                c.model_dim)
-        if not logits:
-            return h, state
-        out = layers.head_logits(h, head, self.dtype)
-        return sharding.constrain(out, self.mesh if state is None else None,
-                                  sharding.TENSOR_AXIS), state
+        return layers.lm_output(h, embed, c.tie_word_embeddings, self.param_dtype, self.dtype,
+                                self.mesh if state is None else None, logits,
+                                gaussian(c.model_dim)), state
 
 
 # ----------------------------------------------------------------------------- checkpoint
