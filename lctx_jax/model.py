@@ -251,8 +251,9 @@ class Model:
     @classmethod
     def init(cls, config: Any, rng: jax.Array, dtype: Any = jnp.float32,
              param_dtype: Any = jnp.float32, **kwargs: Any) -> "Model":
-        """A randomly initialised model (normal(0.02) weights, unit norms); with mesh= in
-        kwargs the parameters are created already split by the sharding rules."""
+        """A randomly initialised model (the family's initialisation: LLaMA's normal(0.02)
+        weights and unit norms, MEGALODON's released one); with mesh= in kwargs the
+        parameters are created already split by the sharding rules."""
         spec = ModelSpec(config, dtype, **kwargs)
         return cls.of(spec, spec.init_params(rng, param_dtype))
 
