@@ -15,16 +15,13 @@ prompts, depths 0.1 / 0.5 / 0.9, 10 trials.
 
 import ml_collections
 
-from lctx_jax.comparison import default_config, setting
+from configs import eval_demo_infini
+from lctx_jax.comparison import setting
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default_config()
+    c = eval_demo_infini.get_config()  # its lengths, methods and protocols; other settings
     c.out_dir = "runs/eval-demo-megalodon"
-    c.tokenizer = "~/.cache/lctx_jax/stdlib-4096.model"
-    c.original_length = 256
-    c.lengths = (64, 128, 256, 512, 1024, 2048, 4096)
-    c.methods = ("none", "yarn")
     c.settings = [
         setting("megalodon, pre-trained", "runs/demo-megalodon/models/pretrain", "checkpoint",
                 ("megalodon",)),
@@ -35,10 +32,4 @@ def get_config() -> ml_collections.ConfigDict:
                 "checkpoint", ("yarn",)),
         setting("llama, no fine-tune, per length", "runs/demo/models/pretrain", "per_length"),
     ]
-    c.perplexity.documents = 8
-    c.perplexity.batch_size = 4
-    c.passkey.trials = 10
-    c.passkey.batch_size = 10
-    c.passkey.style = "python"
-    c.search.enabled = False
     return c
