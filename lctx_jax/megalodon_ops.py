@@ -90,7 +90,7 @@ def cema(x: jax.Array, params: dict[str, jax.Array], h0: jax.Array | None = None
     on every device), and h is the state after this device's piece.
     """
     _check_cema(x, params, h0)
-    b, t, d = x.shape
+    t = x.shape[1]
     p, log_q, eta = cema_coefficients(params)
     x32 = x.astype(jnp.float32)
     kernel, s = _kernel_and_state(x32, p, log_q, eta)
@@ -138,7 +138,7 @@ def _kernel_and_state(x: jax.Array, p: jax.Array, log_q: jax.Array, eta: jax.Arr
     blocks = -(-t // block)
     padded = jnp.pad(x, ((0, 0), (0, blocks * block - t), (0, 0)))
     padded = padded.reshape(b, blocks, block, d).swapaxes(0, 1)  # [blocks, B, block, D]
-    weight = (p * eta)
+    weight = p * eta
 
     @jax.checkpoint
     def step(s: jax.Array, inputs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:

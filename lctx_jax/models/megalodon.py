@@ -184,10 +184,11 @@ _NO_ROPE_SCALING = ("MEGALODON restarts its rotary positions in every chunk of c
 # ----------------------------------------------------------------------------- math
 
 
-def he_normal(fan_in_axis: int = -2) -> Callable:
-    """The released 'he' init (kaiming_normal_ with a = √5): N(0, 1/(3·fan_in))."""
+def he_normal() -> Callable:
+    """The released 'he' init (kaiming_normal_ with a = √5): N(0, 1/(3·fan_in)) for a kernel
+    [..., in, out]."""
     def init(rng: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.normal(rng, shape, dtype) / math.sqrt(3.0 * shape[fan_in_axis])
+        return jax.random.normal(rng, shape, dtype) / math.sqrt(3.0 * shape[-2])
     return init
 
 
