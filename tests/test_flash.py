@@ -347,33 +347,67 @@ def test_a_mesh_splitting_the_sequence_is_refused():
 # ----------------------------------------------------------------------------- pieces
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_rotate_half_variants(backend):
-    """Each backend's rotate-half (jnp.roll, ±1 matmul, pltpu.roll) equals lx.rope's, bitwise."""
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_swap_halves_variants(backend):
+    """jnp.roll (interpret) and pltpu.roll (TPU) by half the axis swap the halves, bitwise."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64)), jnp.float32)
-    out = jax.jit(functools.partial(flash.rotate_half, backend=backend))(x)
-    np.testing.assert_array_equal(out, lx.rope.rotate_half(x))
+    out = jax.jit(functools.partial(flash.swap_halves, backend=backend))(x)
+    np.testing.assert_array_equal(out, jnp.concatenate([x[:, 32:], x[:, :32]], axis=1))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_block_rotation_is_rope_rotation(backend):
-    """In-kernel cos/sin (GPU: one frequency per row) equal lx.rope.cos_sin bitwise, kept
-    start tokens included; the transposed rotation undoes the rotation."""
-    rope = rope_config("longrope", partial=1.0)
-    positions = jnp.arange(0, 200, 3)
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rope_tables_rotate_as_lx_rope(partial):
+    """The streamed tables rotate a block exactly as lx.rope.apply does, bitwise, whole (TPU,
+    interpret) or as halves (GPU): LongRoPE with kept start tokens, and a partial rotary head
+    in the kernels' permuted layout (pass-through lanes untouched). The transposed rotation
+    (sin negated) undoes the rotation."""
+    rope = rope_config("longrope", partial=partial)
+    positions = jnp.arange(0, 200, 3)[None]
     inv_freq, factor = lx.rope.frequencies(rope, 200)
-    cfg = flash._Config(mask=masks.Mask(), scale=1.0, block_q=8, block_k=8, q_blocks=1,
-                        kv_blocks=1, kv_len=8, groups=1, segments=False,
-                        rope=flash._Rope(factor=factor, start_tokens=4, lanes=16, freqs=16),
-                        backend=backend, driver="loop")
-    freqs = (inv_freq, lx.rope.default_frequencies(rope))
-    cos, sin = jax.jit(lambda p: flash.block_rotation(cfg, p, freqs))(positions)
+    dim, pieces = flash._qk_layout(HEAD_DIM, rope.rotary_dim, "cpu")
+    lanes = dim // 2
+    static = flash._Rope(factor=float(factor), start_tokens=4, lanes=lanes,
+                         freqs=rope.rotary_dim // 2)
+    freqs = (flash._pad_freqs(inv_freq, lanes),
+             flash._pad_freqs(lx.rope.default_frequencies(rope), lanes))
+    cos, sin = flash.rope_tables(static, positions, freqs, jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, positions.shape[1], 1, dim)),
+                    jnp.float32)
     ref_cos, ref_sin = lx.rope.cos_sin(rope, positions, seq_len=200)
-    np.testing.assert_array_equal(cos, ref_cos)
-    np.testing.assert_array_equal(sin, ref_sin)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((positions.shape[0], 32)))
-    back = flash.rotate(flash.rotate(x, cos, sin, backend), cos, -sin, backend) / factor ** 2
-    np.testing.assert_allclose(back, x, atol=1e-5)
+    expected = lx.rope.apply(x, ref_cos, ref_sin)  # rotary dims first, pass-through after
+    if pieces is not None:  # the kernels' layout of x and of the rotated x
+        x, expected = (jnp.concatenate([y[..., a:b] for a, b in pieces], axis=-1)
+                       for y in (x, expected))
+    rows, c, s = x[0, :, 0], cos[0], sin[0]
+    half = dim // 2
+    whole = flash.rotate((rows,), (c,), (s,), "cpu")[0]
+    halves = flash.rotate(*((y[:, :half], y[:, half:]) for y in (rows, c, s)), "gpu")
+    halves = jnp.concatenate(halves, axis=-1)
+    np.testing.assert_array_equal(whole, expected[0, :, 0])
+    np.testing.assert_array_equal(halves, expected[0, :, 0])
+    back = flash.rotate((whole,), (c,), (-s,), "cpu")[0]
+    scale = jnp.where(jnp.arange(dim) % half < rope.rotary_dim // 2, factor ** 2, 1.0)
+    np.testing.assert_allclose(back / scale, rows, atol=1e-5)
+
+
+def test_block_ranges():
+    """Causal, 4 q and 4 kv blocks of 64 at positions 0..255: q block i computes kv blocks
+    0..i, kv block j is seen by q blocks j..3. A window of 64 keeps the diagonal and the block
+    before it; queries that see no block get the empty range [0, 0)."""
+    positions = jnp.arange(256)[None]
+    kv_lo, kv_hi, q_lo, q_hi = flash.block_ranges(masks.Mask(), positions, positions, 4, 4)
+    np.testing.assert_array_equal(kv_lo, [[0, 0, 0, 0]])
+    np.testing.assert_array_equal(kv_hi, [[1, 2, 3, 4]])
+    np.testing.assert_array_equal(q_lo, [[0, 1, 2, 3]])
+    np.testing.assert_array_equal(q_hi, [[4, 4, 4, 4]])
+    kv_lo, kv_hi, _, _ = flash.block_ranges(masks.Mask(window=64), positions, positions, 4, 4)
+    np.testing.assert_array_equal(kv_lo, [[0, 0, 1, 2]])
+    np.testing.assert_array_equal(kv_hi, [[1, 2, 3, 4]])
+    late_keys = positions + 1000  # every key after every query
+    kv_lo, kv_hi, q_lo, q_hi = flash.block_ranges(masks.Mask(), positions, late_keys, 4, 4)
+    assert not np.asarray(kv_hi - kv_lo).any() and not np.asarray(q_hi - q_lo).any()
+    assert int(flash._clamp(0, 2, 4)) == 2 and int(flash._clamp(3, 0, 2)) == 1
+    assert int(flash._clamp(3, 0, 0)) == 0
 
 
 def test_partial_rotary_layout_is_a_permutation():

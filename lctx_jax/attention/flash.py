@@ -79,7 +79,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +92,12 @@ from jax.sharding import PartitionSpec
 from lctx_jax import rope as rope_lib, sharding
 from lctx_jax.attention import masks, online_softmax
 
-# Default (block_q, block_k) per backend. In interpret mode every grid step is one iteration of
-# an XLA loop, so fewer, larger blocks are faster.
-DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64), "cpu": (128, 128)}
+# Default (block_q, block_k) per backend. TPU: 512, where the matrix unit's utilisation
+# plateaus (JAX's Pallas matmul guide) and the per-step vector work per MXU push is lowest in
+# benchmarks/kernel_signals.py. In interpret mode every grid step is one iteration of an XLA
+# loop, so fewer, larger blocks are faster.
+DEFAULT_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64), "cpu": (128, 128)}
+LANES = 128  # a TPU vector register's lanes: the grid driver's query positions are [bq, 128]
 _TRANS_B = (((1,), (1,)), ((), ()))  # x @ yᵀ
 
 
@@ -119,7 +123,6 @@ class _Config:
     kv_blocks: int
     kv_len: int            # true S; keys at index >= kv_len are padding
     groups: int            # G = Hq / Hkv
-    segments: bool
     rope: _Rope | None
     backend: str           # "cpu" (interpret) | "gpu" | "tpu"
     driver: str            # "grid" | "loop"
@@ -131,6 +134,11 @@ class _Config:
     @property
     def interpret(self) -> bool:
         return self.backend == "cpu"
+
+    @property
+    def halves(self) -> bool:
+        """q, k, their tables and gradients held as two halves (loop driver with rope)."""
+        return self.rope is not None and self.driver == "loop"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions: jax.Array,
@@ -179,9 +187,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
             x = jnp.concatenate([x[..., start:stop] for start, stop in pieces], axis=-1)
         return x.transpose(0, 2, 1, 3)
 
-    def rows(x, length):  # [B, L] -> [B, 1, Lp] int32, edge-padded (neutral for min and max)
+    def rows(x, length):  # [B, L] -> [B, Lp] int32, edge-padded (neutral for min and max)
         x = jnp.asarray(x, jnp.int32)
-        return jnp.pad(x, [(0, 0), (0, length - x.shape[1])], mode="edge")[:, None, :]
+        return jnp.pad(x, [(0, 0), (0, length - x.shape[1])], mode="edge")
 
     t_pad, s_pad = q_blocks * block_q, kv_blocks * block_k
     qh = heads_major(q, qk_dim, t_pad, pieces)
@@ -191,11 +199,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     q_seg = kv_seg = None
     if segment_ids is not None:
         q_seg, kv_seg = rows(segment_ids, t_pad), rows(kv_segment_ids, s_pad)
-    blocks = {"q": q_pos.reshape(batch, q_blocks, block_q),
-              "kv": kv_pos.reshape(batch, kv_blocks, block_k)}
-    # The position bounds block skipping reads, e.g. "q_max": the max of each q block, [B, T/bq].
-    bounds = tuple(getattr(blocks[side], stat)(axis=-1)
-                   for side, stat in (name.split("_") for name in mask.bounds))
+    ranges = block_ranges(mask, q_pos, kv_pos, q_blocks, kv_blocks)
 
     freqs, rope_static = None, None
     if rope is not None:
@@ -211,9 +215,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
 
     cfg = _Config(mask=mask, scale=float(scale), block_q=block_q, block_k=block_k,
                   q_blocks=q_blocks, kv_blocks=kv_blocks, kv_len=kv_len,
-                  groups=q_heads // kv_heads, segments=segment_ids is not None,
-                  rope=rope_static, backend=backend, driver=driver)
-    out = _flash(cfg, qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds)
+                  groups=q_heads // kv_heads, rope=rope_static, backend=backend, driver=driver)
+    out = _flash(cfg, qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges)
     return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim]
 
 
@@ -277,7 +280,8 @@ def _block_size(block: int, length: int, backend: str, name: str) -> int:
 
 
 def _pad_dim(dim: int, backend: str) -> int:
-    return max(16, pl.next_power_of_2(dim)) if backend == "gpu" else dim
+    """GPU: a power of two >= 32, so that halves are Triton dot operands (>= 16)."""
+    return max(32, pl.next_power_of_2(dim)) if backend == "gpu" else dim
 
 
 def _qk_layout(head_dim: int, rotary_dim: int | None, backend: str
@@ -301,82 +305,145 @@ def _pad_freqs(inv_freq: jax.Array, lanes: int) -> jax.Array:
     return jnp.pad(inv_freq, (0, lanes - inv_freq.shape[0]))
 
 
-# ----------------------------------------------------------------------------- shared block math
+# ----------------------------------------------------------------------------- outside the kernels
 
 
-def block_rotation(cfg: _Config, positions: jax.Array, freqs: tuple[jax.Array, ...]
-                   ) -> tuple[jax.Array, jax.Array]:
-    """cos, sin f32 [blk, D'] for a block's positions [blk], by `lx.rope.rotation`."""
-    rope = cfg.rope
-    inv_freq = freqs[0]
-    start_inv_freq = freqs[1] if rope.start_tokens else None
-    kwargs = dict(start_tokens=rope.start_tokens)
-    if cfg.backend == "gpu":
-        # One frequency per row: rotation's duplication of the angles becomes a join of two
-        # [..., 1] arrays, which Triton lowers (it has no general concatenate); then
-        # [blk, n, 2] -> [blk, 2, n] -> [blk, 2n] is the rotate-half layout.
-        blk, n = positions.shape[0], inv_freq.shape[0]
-        cos, sin = rope_lib.rotation(
-            jnp.broadcast_to(positions[:, None], (blk, n)), inv_freq[:, None], rope.factor,
-            start_inv_freq=None if start_inv_freq is None else start_inv_freq[:, None], **kwargs)
-        cos, sin = (x.transpose(0, 2, 1).reshape(blk, 2 * n) for x in (cos, sin))
-    else:
-        cos, sin = rope_lib.rotation(positions, inv_freq, rope.factor,
-                                     start_inv_freq=start_inv_freq, **kwargs)
-    if rope.freqs < rope.lanes:  # pass-through lanes of a partial rotary head: identity
-        lane = lax.broadcasted_iota(jnp.int32, cos.shape, 1)
-        rotary = (lane < rope.freqs) | ((lane >= rope.lanes) & (lane < rope.lanes + rope.freqs))
-        cos, sin = jnp.where(rotary, cos, 1.0), jnp.where(rotary, sin, 0.0)
-    return cos, sin
+def rope_tables(rope: _Rope, positions: jax.Array, freqs: tuple[jax.Array, ...], dtype: Any
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos and signed sin [B, L, D'] in `dtype` for positions [B, L]: what the kernels stream
+    beside q or k, block by block.
+
+    `lx.rope.rotation` (attention factor folded in, LongRoPE's kept start tokens), then cos = 1,
+    sin = 0 on the pass-through lanes of a partial rotary head, and the rotate-half sign folded
+    into sin, so that R(θ)x = x·cos + swap(x)·sin with swap([x₁, x₂]) = [x₂, x₁] and
+    sin = [−sin₁, sin₂]."""
+    cos, sin = rope_lib.rotation(positions, freqs[0], rope.factor,
+                                 start_tokens=rope.start_tokens,
+                                 start_inv_freq=freqs[1] if rope.start_tokens else None)
+    lane = jnp.arange(2 * rope.lanes)
+    rotary = lane % rope.lanes < rope.freqs
+    cos, sin = jnp.where(rotary, cos, 1.0), jnp.where(rotary, sin, 0.0)
+    return cos.astype(dtype), jnp.where(lane < rope.lanes, -sin, sin).astype(dtype)
 
 
-def rotate_half(x: jax.Array, backend: str) -> jax.Array:
-    """[−x₂, x₁] for x = [x₁, x₂] along the last axis of a 2-D f32 block."""
+def block_ranges(mask: masks.Mask, q_pos: jax.Array, kv_pos: jax.Array, q_blocks: int,
+                 kv_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(kv_lo, kv_hi) int32 [B, T/bq] and (q_lo, q_hi) [B, S/bk]: q block i computes kv blocks
+    kv_lo[b, i] <= j < kv_hi[b, i], kv block j the q blocks q_lo[b, j] <= i < q_hi[b, j]; the
+    span from the first to the last pair that `masks.may_see` allows, from the blocks' position
+    bounds (padded positions [B, Tp], [B, Sp]). Blocks inside a span that may_see rules out
+    (possible only with non-monotone positions) are computed, and their mask hides them."""
+    batch = q_pos.shape[0]
+    if not mask.bounds:
+        return (jnp.zeros((batch, q_blocks), jnp.int32),
+                jnp.full((batch, q_blocks), kv_blocks, jnp.int32),
+                jnp.zeros((batch, kv_blocks), jnp.int32),
+                jnp.full((batch, kv_blocks), q_blocks, jnp.int32))
+    q, kv = q_pos.reshape(batch, q_blocks, -1), kv_pos.reshape(batch, kv_blocks, -1)
+    bounds = {"q_min": q.min(-1)[:, :, None], "q_max": q.max(-1)[:, :, None],
+              "kv_min": kv.min(-1)[:, None, :], "kv_max": kv.max(-1)[:, None, :]}
+    seen = masks.may_see(mask, **{name: bounds[name] for name in mask.bounds})  # [B, nq, nk]
+    return (*_span(seen, 2), *_span(seen, 1))
+
+
+def _span(seen: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """[first, last + 1) of the True entries along `axis`; [0, 0) where there are none."""
+    count, found = seen.shape[axis], seen.any(axis)
+    first = jnp.argmax(seen, axis)
+    end = count - jnp.argmax(jnp.flip(seen, axis), axis)
+    return (jnp.where(found, first, 0).astype(jnp.int32),
+            jnp.where(found, end, 0).astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- block math
+
+
+def swap_halves(x: jax.Array, backend: str) -> jax.Array:
+    """[x₂, x₁] for x = [x₁, x₂] along the last axis (TPU: a lane rotation, `pltpu.roll`)."""
     half = x.shape[-1] // 2
-    if backend == "gpu":  # exact: one ±1 per column, and f32 at HIGHEST is IEEE on Triton
-        row = lax.broadcasted_iota(jnp.int32, (2 * half, 2 * half), 0)
-        col = lax.broadcasted_iota(jnp.int32, (2 * half, 2 * half), 1)
-        signed_perm = (jnp.where(row == col + half, -1.0, 0.0)
-                       + jnp.where(row + half == col, 1.0, 0.0)).astype(x.dtype)
-        return jnp.dot(x, signed_perm, precision=lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
-        rolled = pltpu.roll(x, half, x.ndim - 1)  # a shift of half the axis: either direction
-    else:
-        rolled = jnp.roll(x, half, axis=-1)
-    lane = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.where(lane < half, -rolled, rolled)
+        return pltpu.roll(x, half, x.ndim - 1)  # a shift of half the axis: either direction
+    return jnp.roll(x, half, axis=-1)
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, backend: str) -> jax.Array:
-    """x·cos + rotate_half(x)·sin in f32: R(θ)x; with −sin, R(θ)ᵀx = R(−θ)x."""
-    x = x.astype(jnp.float32)
-    return x * cos + rotate_half(x, backend) * sin
+def rotate(pieces: tuple[jax.Array, ...], cos: tuple[jax.Array, ...],
+           sin: tuple[jax.Array, ...], backend: str) -> tuple[jax.Array, ...]:
+    """R(θ)x = x·cos + swap(x)·sin in f32 (`rope_tables`' signed sin); with −sin,
+    R(θ)ᵀx = R(−θ)x. x, cos and sin come as one whole [blk, D'] block, or as its two halves
+    [blk, D'/2] (the GPU layout: swap is then the order of the halves, no lane movement)."""
+    xs = tuple(x.astype(jnp.float32) for x in pieces)
+    partners = (swap_halves(xs[0], backend),) if len(xs) == 1 else xs[::-1]
+    return tuple(x * c.astype(jnp.float32) + y * s.astype(jnp.float32)
+                 for x, y, c, s in zip(xs, partners, cos, sin))
 
 
-def _rotated(cfg: _Config, x: jax.Array, positions: jax.Array, freqs) -> jax.Array:
-    """A q or k block rotated in-kernel (identity without rope), in its own dtype."""
+def _pieces(cfg: _Config, ref, *lead) -> tuple[jax.Array, ...]:
+    """ref[*lead, ..., :] as the kernels hold q, k, their tables and gradients: whole, or as
+    the halves [..., :D'/2], [..., D'/2:] (`cfg.halves`)."""
+    fill = (slice(None),) * (len(ref.shape) - 1 - len(lead))
+    if not cfg.halves:
+        return (ref[(*lead, *fill, slice(None))],)
+    half = ref.shape[-1] // 2
+    return tuple(ref[(*lead, *fill, part)] for part in (slice(0, half), slice(half, None)))
+
+
+def _store(ref, pieces: tuple[jax.Array, ...]) -> None:
+    """A whole block ref written from `_pieces`' layout, cast to the ref's dtype."""
+    if len(pieces) == 1:
+        ref[...] = pieces[0].astype(ref.dtype)
+        return
+    half = ref.shape[-1] // 2
+    ref[..., :half] = pieces[0].astype(ref.dtype)
+    ref[..., half:] = pieces[1].astype(ref.dtype)
+
+
+def _rotated(cfg: _Config, x_ref, cos_ref, sin_ref, x_lead: tuple = (),
+             table_lead: tuple = ()) -> tuple[jax.Array, ...]:
+    """A q or k block rotated in-kernel from its streamed tables (identity without rope), in
+    the block's dtype, as `_pieces`."""
+    x = _pieces(cfg, x_ref, *x_lead)
     if cfg.rope is None:
         return x
-    cos, sin = block_rotation(cfg, positions, freqs)
-    return rotate(x, cos, sin, cfg.backend).astype(x.dtype)
+    rotated = rotate(x, _pieces(cfg, cos_ref, *table_lead), _pieces(cfg, sin_ref, *table_lead),
+                     cfg.backend)
+    return tuple(y.astype(x_ref.dtype) for y in rotated)
+
+
+def _unrotated(cfg: _Config, grads: tuple[jax.Array, ...], cos_ref, sin_ref
+               ) -> tuple[jax.Array, ...]:
+    """R(θ)ᵀ grad = R(−θ) grad, f32: a gradient w.r.t. rotated q/k back to un-rotated q/k."""
+    if cfg.rope is None:
+        return grads
+    return rotate(grads, _pieces(cfg, cos_ref), tuple(-s for s in _pieces(cfg, sin_ref)),
+                  cfg.backend)
+
+
+def _column(ref, *lead) -> jax.Array:
+    """Query positions or segment ids as a column [bq, 1] (their layout: [.., bq, lanes])."""
+    values = ref[(*lead, slice(None))] if lead else ref[...]
+    return values[:, :1]
 
 
 def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start) -> jax.Array:
-    """bool [bq, bk]: `masks.visible` on the block's positions [bq], [bk] (and segment ids),
-    and keys past the true length (padding) hidden."""
-    mask = masks.visible(cfg.mask, q_pos, kv_pos, q_seg, kv_seg)
+    """bool [bq, bk]: `masks.visible_pairs` on a column of query positions [bq, 1] and a row of
+    key positions [1, bk] (and segment ids), keys past the true length (padding) hidden."""
+    mask = masks.visible_pairs(cfg.mask, q_pos, kv_pos, q_seg, kv_seg)
     if cfg.kv_padded:
         index = kv_start + lax.broadcasted_iota(jnp.int32, mask.shape, 1)
         mask &= index < cfg.kv_len
     return mask
 
 
+def _products(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> jax.Array:
+    """Σ over pieces of a bᵀ, f32 [rows of a, rows of b]."""
+    return sum(lax.dot_general(x, y, _TRANS_B, preferred_element_type=jnp.float32)
+               for x, y in zip(a, b))
+
+
 def _scores(cfg: _Config, q_rot, k_rot, mask) -> jax.Array:
     """scale · q'k'ᵀ, f32 [bq, bk], −inf where not visible (`online_softmax.scores`)."""
-    products = lax.dot_general(q_rot, k_rot, _TRANS_B, preferred_element_type=jnp.float32)
-    return online_softmax.scores(products, mask, cfg.scale)
+    return online_softmax.scores(_products(q_rot, k_rot), mask, cfg.scale)
 
 
 def _probs_and_dscores(cfg: _Config, q_rot, k_rot, v, mask, d_out, lse, delta):
@@ -386,9 +453,8 @@ def _probs_and_dscores(cfg: _Config, q_rot, k_rot, v, mask, d_out, lse, delta):
     return p, online_softmax.score_grads(p, dp, delta, cfg.scale)
 
 
-def _fwd_step(cfg, q_rot, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_start, freqs, carry):
+def _fwd_step(cfg, q_rot, q_pos, q_seg, k_rot, v, kv_pos, kv_seg, kv_start, carry):
     """`online_softmax.fold` of one kv block into carry (m, l, acc)."""
-    k_rot = _rotated(cfg, k, kv_pos, freqs)
     mask = _visible(cfg, q_pos, kv_pos, q_seg, kv_seg, kv_start)
 
     def weighted_values(p):
@@ -397,205 +463,178 @@ def _fwd_step(cfg, q_rot, q_pos, q_seg, k, v, kv_pos, kv_seg, kv_start, freqs, c
     return online_softmax.fold(carry, _scores(cfg, q_rot, k_rot, mask), weighted_values)
 
 
-def _dq_step(cfg, q_rot, q_pos, q_seg, d_out, lse, delta, k, v, kv_pos, kv_seg, kv_start, freqs,
+def _dq_step(cfg, q_rot, q_pos, q_seg, d_out, lse, delta, k_rot, v, kv_pos, kv_seg, kv_start,
              dq):
-    k_rot = _rotated(cfg, k, kv_pos, freqs)
+    """dq' += dS·k' (f32 pieces) for one kv block."""
     mask = _visible(cfg, q_pos, kv_pos, q_seg, kv_seg, kv_start)
     _, ds = _probs_and_dscores(cfg, q_rot, k_rot, v, mask, d_out, lse, delta)
-    return dq + jnp.dot(ds.astype(k.dtype), k_rot, preferred_element_type=jnp.float32)
+    return tuple(acc + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+                 for acc, k in zip(dq, k_rot))
 
 
-def _dkv_step(cfg, k_rot, v, kv_pos, kv_seg, kv_start, q, q_pos, q_seg, d_out, lse, delta, freqs,
+def _dkv_step(cfg, k_rot, v, kv_pos, kv_seg, kv_start, q_rot, q_pos, q_seg, d_out, lse, delta,
               carry):
+    """dk' += dSᵀ·q' (f32 pieces) and dv += pᵀ·dout for one q block."""
     dk, dv = carry
-    q_rot = _rotated(cfg, q, q_pos, freqs)
     mask = _visible(cfg, q_pos, kv_pos, q_seg, kv_seg, kv_start)
     p, ds = _probs_and_dscores(cfg, q_rot, k_rot, v, mask, d_out, lse, delta)
     dv = dv + jnp.dot(p.astype(d_out.dtype).T, d_out, preferred_element_type=jnp.float32)
-    dk = dk + jnp.dot(ds.astype(q.dtype).T, q_rot, preferred_element_type=jnp.float32)
+    dk = tuple(acc + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+               for acc, q in zip(dk, q_rot))
     return dk, dv
-
-
-def _unrotate(cfg: _Config, grad, positions, freqs) -> jax.Array:
-    """R(θ)ᵀ grad = R(−θ) grad, f32: a gradient w.r.t. rotated q/k back to un-rotated q/k."""
-    if cfg.rope is None:
-        return grad
-    cos, sin = block_rotation(cfg, positions, freqs)
-    return rotate(grad, cos, -sin, cfg.backend)
-
-
-def _may_see(cfg: _Config, refs, b, q_block, kv_block):
-    """Block skipping: `masks.may_see` on the precomputed bounds of q block `q_block` and kv
-    block `kv_block` of row b (traced bool), or None (always run) when the mask skips nothing."""
-    bounds = {name: getattr(refs, name)[b, q_block if name.startswith("q_") else kv_block]
-              for name in cfg.mask.bounds}
-    return masks.may_see(cfg.mask, **bounds)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 class _Refs:
-    """Kernel refs by name (inputs, outputs and scratch vary with segments/rope/mask)."""
+    """Kernel refs by name (inputs, outputs and scratch vary with segments/rope)."""
 
     def __init__(self, names, refs):
         assert len(names) == len(refs), (names, len(refs))
         self.__dict__.update(zip(names, refs))
         self.names = names
 
-    def get(self, name, index=...):
-        return getattr(self, name)[index] if name in self.names else None
+    def ref(self, name):
+        return getattr(self, name) if name in self.names else None
 
-    def freqs(self):
-        return tuple(getattr(self, n)[...] for n in ("inv_freq", "start_inv_freq")
-                     if n in self.names)
+    def column(self, name, *lead):
+        return _column(getattr(self, name), *lead) if name in self.names else None
 
+    def row(self, name, index=None):
+        """Key positions or segment ids as a row [1, bk] (their layout: [1, S]): the whole
+        block, or columns `index` of a whole row."""
+        if name not in self.names:
+            return None
+        ref = getattr(self, name)
+        return ref[...] if index is None else ref[:, index]
 
 
 def _fwd_kernel(*refs, cfg: _Config, names):
     r = _Refs(names, refs)
     b, i = pl.program_id(0), pl.program_id(2)
-    freqs = r.freqs()
+    lo, hi = r.lo[b, i], r.hi[b, i]
     if cfg.driver == "grid":
         j = pl.program_id(3)
 
         @pl.when(j == 0)
         def _init():
             r.m[...], r.l[...], r.acc[...] = online_softmax.init(r.m.shape[:1], r.acc.shape[1])
-            r.q_rot[...] = _rotated(cfg, r.q[...], r.q_pos[...], freqs)
+            _store(r.q_rot, _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin")))
 
-        def step():
-            carry = _fwd_step(cfg, r.q_rot[...], r.q_pos[...], r.get("q_seg"), r.k[...],
-                              r.v[...], r.kv_pos[...], r.get("kv_seg"), j * cfg.block_k, freqs,
-                              (r.m[...], r.l[...], r.acc[...]))
+        @pl.when((j >= lo) & (j < hi))
+        def _step():
+            k_rot = _rotated(cfg, r.k, r.ref("kv_cos"), r.ref("kv_sin"))
+            carry = _fwd_step(cfg, (r.q_rot[...],), r.column("q_pos"), r.column("q_seg"),
+                              k_rot, r.v[...], r.row("kv_pos"), r.row("kv_seg"),
+                              j * cfg.block_k, (r.m[...], r.l[...], r.acc[...]))
             r.m[...], r.l[...], r.acc[...] = carry
 
-        _when(_may_see(cfg, r, b, i, j), step)
-
         @pl.when(j == cfg.kv_blocks - 1)
-        def _store():
+        def _finish():
             out, lse = online_softmax.finish((r.m[...], r.l[...], r.acc[...]))
             r.o[...], r.lse[...] = out.astype(r.o.dtype), lse
         return
 
-    q_pos, q_seg = r.q_pos[...], r.get("q_seg")
-    q_rot = _rotated(cfg, r.q[...], q_pos, freqs)
+    q_rot = _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin"))
+    q_pos, q_seg = r.column("q_pos"), r.column("q_seg")
 
     def body(j, carry):
         kv = pl.ds(pl.multiple_of(j * cfg.block_k, cfg.block_k), cfg.block_k)
-        step = functools.partial(
-            _fwd_step, cfg, q_rot, q_pos, q_seg, r.k[kv, :], r.v[kv, :], r.kv_pos[kv],
-            r.get("kv_seg", kv), j * cfg.block_k, freqs)
-        return _cond(_may_see(cfg, r, b, i, j), step, carry)
+        k_rot = _rotated(cfg, r.k, r.ref("kv_cos"), r.ref("kv_sin"), (kv,), (kv,))
+        return _fwd_step(cfg, q_rot, q_pos, q_seg, k_rot, r.v[kv, :], r.row("kv_pos", kv),
+                         r.row("kv_seg", kv), j * cfg.block_k, carry)
 
     init = online_softmax.init(r.q.shape[:1], r.v.shape[-1])
-    out, lse = online_softmax.finish(lax.fori_loop(0, cfg.kv_blocks, body, init))
+    out, lse = online_softmax.finish(lax.fori_loop(lo, hi, body, init))
     r.o[...], r.lse[...] = out.astype(r.o.dtype), lse
 
 
 def _dq_kernel(*refs, cfg: _Config, names):
     r = _Refs(names, refs)
     b, i = pl.program_id(0), pl.program_id(2)
-    freqs = r.freqs()
+    lo, hi = r.lo[b, i], r.hi[b, i]
     if cfg.driver == "grid":
         j = pl.program_id(3)
 
         @pl.when(j == 0)
         def _init():
             r.dq_acc[...] = jnp.zeros(r.dq_acc.shape, jnp.float32)
-            r.q_rot[...] = _rotated(cfg, r.q[...], r.q_pos[...], freqs)
+            _store(r.q_rot, _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin")))
 
-        def step():
-            r.dq_acc[...] = _dq_step(
-                cfg, r.q_rot[...], r.q_pos[...], r.get("q_seg"), r.d_out[...], r.lse[...],
-                r.delta[...], r.k[...], r.v[...], r.kv_pos[...], r.get("kv_seg"),
-                j * cfg.block_k, freqs, r.dq_acc[...])
-
-        _when(_may_see(cfg, r, b, i, j), step)
+        @pl.when((j >= lo) & (j < hi))
+        def _step():
+            k_rot = _rotated(cfg, r.k, r.ref("kv_cos"), r.ref("kv_sin"))
+            r.dq_acc[...], = _dq_step(
+                cfg, (r.q_rot[...],), r.column("q_pos"), r.column("q_seg"), r.d_out[...],
+                r.lse[...], r.delta[...], k_rot, r.v[...], r.row("kv_pos"), r.row("kv_seg"),
+                j * cfg.block_k, (r.dq_acc[...],))
 
         @pl.when(j == cfg.kv_blocks - 1)
-        def _store():
-            dq = _unrotate(cfg, r.dq_acc[...], r.q_pos[...], freqs)
-            r.dq[...] = dq.astype(r.dq.dtype)
+        def _finish():
+            _store(r.dq, _unrotated(cfg, (r.dq_acc[...],), r.ref("q_cos"), r.ref("q_sin")))
         return
 
-    q_pos, q_seg = r.q_pos[...], r.get("q_seg")
-    q_rot = _rotated(cfg, r.q[...], q_pos, freqs)
+    q_rot = _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin"))
+    q_pos, q_seg = r.column("q_pos"), r.column("q_seg")
     d_out, lse, delta = r.d_out[...], r.lse[...], r.delta[...]
 
     def body(j, dq):
         kv = pl.ds(pl.multiple_of(j * cfg.block_k, cfg.block_k), cfg.block_k)
-        step = functools.partial(
-            _dq_step, cfg, q_rot, q_pos, q_seg, d_out, lse, delta, r.k[kv, :], r.v[kv, :],
-            r.kv_pos[kv], r.get("kv_seg", kv), j * cfg.block_k, freqs)
-        return _cond(_may_see(cfg, r, b, i, j), step, dq)
+        k_rot = _rotated(cfg, r.k, r.ref("kv_cos"), r.ref("kv_sin"), (kv,), (kv,))
+        return _dq_step(cfg, q_rot, q_pos, q_seg, d_out, lse, delta, k_rot, r.v[kv, :],
+                        r.row("kv_pos", kv), r.row("kv_seg", kv), j * cfg.block_k, dq)
 
-    dq = lax.fori_loop(0, cfg.kv_blocks, body, jnp.zeros(r.q.shape, jnp.float32))
-    r.dq[...] = _unrotate(cfg, dq, q_pos, freqs).astype(r.dq.dtype)
+    zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in q_rot)
+    dq = lax.fori_loop(lo, hi, body, zeros)
+    _store(r.dq, _unrotated(cfg, dq, r.ref("q_cos"), r.ref("q_sin")))
 
 
 def _dkv_kernel(*refs, cfg: _Config, names):
     r = _Refs(names, refs)
     b, j = pl.program_id(0), pl.program_id(2)
-    freqs = r.freqs()
+    lo, hi = r.lo[b, j], r.hi[b, j]
     kv_start = j * cfg.block_k
     if cfg.driver == "grid":
         member, i = pl.program_id(3), pl.program_id(4)
-        first = (member == 0) & (i == 0)
-        last = (member == cfg.groups - 1) & (i == cfg.q_blocks - 1)
 
-        @pl.when(first)
+        @pl.when((member == 0) & (i == 0))
         def _init():
             r.dk_acc[...] = jnp.zeros(r.dk_acc.shape, jnp.float32)
             r.dv_acc[...] = jnp.zeros(r.dv_acc.shape, jnp.float32)
-            r.k_rot[...] = _rotated(cfg, r.k[...], r.kv_pos[...], freqs)
+            _store(r.k_rot, _rotated(cfg, r.k, r.ref("kv_cos"), r.ref("kv_sin")))
 
-        def step():
-            r.dk_acc[...], r.dv_acc[...] = _dkv_step(
-                cfg, r.k_rot[...], r.v[...], r.kv_pos[...], r.get("kv_seg"), kv_start,
-                r.q[...], r.q_pos[...], r.get("q_seg"), r.d_out[...], r.lse[...],
-                r.delta[...], freqs, (r.dk_acc[...], r.dv_acc[...]))
+        @pl.when((i >= lo) & (i < hi))
+        def _step():
+            q_rot = _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin"))
+            (r.dk_acc[...],), r.dv_acc[...] = _dkv_step(
+                cfg, (r.k_rot[...],), r.v[...], r.row("kv_pos"), r.row("kv_seg"), kv_start,
+                q_rot, r.column("q_pos"), r.column("q_seg"), r.d_out[...], r.lse[...],
+                r.delta[...], ((r.dk_acc[...],), r.dv_acc[...]))
 
-        _when(_may_see(cfg, r, b, i, j), step)
-
-        @pl.when(last)
-        def _store():
-            r.dk[...] = _unrotate(cfg, r.dk_acc[...], r.kv_pos[...], freqs).astype(r.dk.dtype)
+        @pl.when((member == cfg.groups - 1) & (i == cfg.q_blocks - 1))
+        def _finish():
+            _store(r.dk, _unrotated(cfg, (r.dk_acc[...],), r.ref("kv_cos"), r.ref("kv_sin")))
             r.dv[...] = r.dv_acc[...].astype(r.dv.dtype)
         return
 
-    kv_pos, kv_seg = r.kv_pos[...], r.get("kv_seg")
-    k_rot = _rotated(cfg, r.k[...], kv_pos, freqs)
-    v = r.v[...]
+    k_rot = _rotated(cfg, r.k, r.ref("kv_cos"), r.ref("kv_sin"))
+    kv_pos, kv_seg, v = r.row("kv_pos"), r.row("kv_seg"), r.v[...]
+    span = jnp.maximum(hi - lo, 1)
 
-    def body(t, carry):  # t runs over (group member, q block)
-        member, i = lax.div(t, cfg.q_blocks), lax.rem(t, cfg.q_blocks)  # t >= 0
+    def body(t, carry):  # t runs over (group member, q block in [lo, hi))
+        member, i = lax.div(t, span), lo + lax.rem(t, span)
         qs = pl.ds(pl.multiple_of(i * cfg.block_q, cfg.block_q), cfg.block_q)
-        step = functools.partial(
-            _dkv_step, cfg, k_rot, v, kv_pos, kv_seg, kv_start, r.q[member, qs, :],
-            r.q_pos[qs], r.get("q_seg", qs), r.d_out[member, qs, :], r.lse[member, qs, :],
-            r.delta[member, qs, :], freqs)
-        return _cond(_may_see(cfg, r, b, i, j), step, carry)
+        q_rot = _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin"), (member, qs), (qs,))
+        return _dkv_step(cfg, k_rot, v, kv_pos, kv_seg, kv_start, q_rot,
+                         r.column("q_pos", qs), r.column("q_seg", qs), r.d_out[member, qs, :],
+                         r.lse[member, qs, :], r.delta[member, qs, :], carry)
 
-    zeros = (jnp.zeros(r.k.shape, jnp.float32), jnp.zeros(r.v.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, cfg.groups * cfg.q_blocks, body, zeros)
-    r.dk[...] = _unrotate(cfg, dk, kv_pos, freqs).astype(r.dk.dtype)
+    zeros = (tuple(jnp.zeros(x.shape, jnp.float32) for x in k_rot),
+             jnp.zeros(r.v.shape, jnp.float32))
+    dk, dv = lax.fori_loop(0, cfg.groups * (hi - lo), body, zeros)
+    _store(r.dk, _unrotated(cfg, dk, r.ref("kv_cos"), r.ref("kv_sin")))
     r.dv[...] = dv.astype(r.dv.dtype)
-
-
-def _when(predicate, fn) -> None:
-    """fn() under pl.when(predicate); predicate None: unconditionally."""
-    if predicate is None:
-        fn()
-    else:
-        pl.when(predicate)(fn)
-
-
-def _cond(predicate, fn, carry):
-    """fn(carry) if predicate else carry; predicate None: fn(carry)."""
-    if predicate is None:
-        return fn(carry)
-    return lax.cond(predicate, fn, lambda c: c, carry)
 
 
 # ----------------------------------------------------------------------------- pallas_call
@@ -611,200 +650,243 @@ def _compiler_params(cfg: _Config, semantics: tuple[str, ...]):
     return None
 
 
-def _scratch(cfg: _Config, shapes):
-    if not shapes:
-        return ()
-    if cfg.backend == "tpu" or cfg.interpret:
-        from jax.experimental.pallas import tpu as pltpu
-        return tuple(pltpu.VMEM(shape, dtype) for shape, dtype in shapes)
-    raise ValueError("scratch memory is only used by the 'grid' driver (TPU, interpret)")
-
-
-def _scalars(cfg: _Config) -> pl.BlockSpec:
-    """Block bounds [B, blocks] int32, passed whole and read as scalars (SMEM on TPU)."""
-    if cfg.backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec()
-
-
-def _freq_inputs(freqs) -> list:
-    """(name, array, spec) of inv_freq [and start_inv_freq], each [D'/2] f32, passed whole."""
-    if freqs is None:
-        return []
-    spec = pl.BlockSpec((freqs[0].shape[0],), lambda *_: (0,))
-    return [(name, x, spec) for name, x in zip(("inv_freq", "start_inv_freq"), freqs)]
-
-
-def _call(kernel, cfg: _Config, grid, semantics, inputs, outputs, scratch, name):
-    """inputs / outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec); None arrays
-    are left out. Returns the outputs."""
+def _call(kernel, cfg: _Config, grid, semantics, ranges, inputs, outputs, scratch, flops,
+          name):
+    """One pallas_call. ranges: the (lo, hi) block ranges [B, blocks] int32, scalar-prefetched
+    by the grid driver (index maps then receive them after the grid indices), plain inputs of
+    the loop driver (SMEM on TPU). inputs / outputs: lists of (name, array or
+    ShapeDtypeStruct, BlockSpec), None arrays left out; scratch: (name, (shape, dtype)).
+    flops: the XLA cost estimate's, with one exp per score and every operand read once."""
+    from jax.experimental.pallas import tpu as pltpu  # scratch, SMEM, scalar prefetch
     inputs = [x for x in inputs if x[1] is not None]
-    names = [n for n, _, _ in inputs] + [n for n, _, _ in outputs] + [n for n, _ in scratch]
+    names = ("lo", "hi", *(n for n, _, _ in inputs), *(n for n, _, _ in outputs),
+             *(n for n, _ in scratch))
+    in_specs = [spec for _, _, spec in inputs]
+    out_specs = [spec for _, _, spec in outputs]
+    scratch_shapes = [pltpu.VMEM(shape, dtype) for _, (shape, dtype) in scratch]
+    if cfg.driver == "grid":
+        specs = dict(grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch_shapes))
+    else:
+        scalars = (pl.BlockSpec(memory_space=pltpu.SMEM) if cfg.backend == "tpu"
+                   else pl.BlockSpec())
+        specs = dict(grid=grid, in_specs=[scalars, scalars, *in_specs], out_specs=out_specs)
+    arrays = [x for _, x, _ in inputs]
+    q = inputs[0][1]
+    cost = pl.CostEstimate(
+        flops=int(flops), transcendentals=int(_score_count(cfg, q.shape)),
+        bytes_accessed=int(sum(x.size * x.dtype.itemsize for x in arrays)
+                           + sum(math.prod(s.shape) * s.dtype.itemsize for _, s, _ in outputs)))
     return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg, names=tuple(names)),
-        grid=grid,
-        in_specs=[spec for _, _, spec in inputs],
-        out_specs=[spec for _, _, spec in outputs],
+        functools.partial(kernel, cfg=cfg, names=names),
         out_shape=[shape for _, shape, _ in outputs],
-        scratch_shapes=_scratch(cfg, [shape for _, shape in scratch]),
-        compiler_params=_compiler_params(cfg, semantics),
-        interpret=cfg.interpret,
-        name=name,
-    )(*[x for _, x, _ in inputs])
+        compiler_params=_compiler_params(cfg, semantics), interpret=cfg.interpret,
+        cost_estimate=cost, name=name, **specs)(*ranges, *arrays)
 
 
-def _row_specs(q_map, kv_map, q_block_rows, kv_block_rows):
-    """BlockSpecs for positions / segment ids [B, 1, L] (1-D blocks)."""
-    return (pl.BlockSpec((None, None, q_block_rows), q_map),
-            pl.BlockSpec((None, None, kv_block_rows), kv_map))
+def _score_count(cfg: _Config, q_shape) -> float:
+    """Scores a call computes: B·Hq·Tp·Sp, halved for a causal mask."""
+    batch, heads, length, _ = q_shape
+    pairs = batch * heads * length * cfg.kv_blocks * cfg.block_k
+    return pairs / 2 if cfg.mask.causal else pairs
 
 
-def _forward(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds):
-    batch, q_heads, t_pad, qk_dim = q.shape
+def _clamp(index, lo, hi):
+    """The block fetched at grid index `index` when only blocks [lo, hi) are computed: the
+    index itself inside, the nearest end of the range outside, so a skipped step repeats the
+    block index before or after it and Pallas copies nothing in."""
+    return jnp.minimum(jnp.maximum(index, lo), jnp.maximum(hi - 1, lo))
+
+
+def _layouts(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg):
+    """Kernel layouts of positions and segment ids: queries [B, Tp, lanes] (broadcast over
+    the lanes of a vector register on the grid driver, whose blocks are [bq, 128]), keys
+    [B, 1, Sp] (rows)."""
+    lanes = LANES if cfg.driver == "grid" else 1
+
+    def column(x):
+        return None if x is None else jnp.broadcast_to(x[:, :, None], (*x.shape, lanes))
+
+    def row(x):
+        return None if x is None else x[:, None, :]
+
+    return column(q_pos), row(kv_pos), column(q_seg), row(kv_seg)
+
+
+def _tables(cfg: _Config, q_pos, kv_pos, freqs, dtype):
+    """(q_cos, q_sin, kv_cos, kv_sin) [B, L, D'] (`rope_tables`), or Nones without rope."""
+    if cfg.rope is None:
+        return None, None, None, None
+    return (*rope_tables(cfg.rope, q_pos, freqs, dtype),
+            *rope_tables(cfg.rope, kv_pos, freqs, dtype))
+
+
+def _q_major(cfg: _Config, q, k, v, layouts, tables):
+    """(grid, semantics, q block map, inputs) shared by the forward and dq kernels: one q
+    block of one query head per program; the grid driver streams kv blocks along the last
+    (sequential) grid axis, fetching only those in the q block's range, the loop driver reads
+    whole kv rows."""
+    batch, q_heads, _, qk_dim = q.shape
     v_dim, s_pad = v.shape[-1], k.shape[2]
-    g, bq, bk = cfg.groups, cfg.block_q, cfg.block_k
-    out_shape = jax.ShapeDtypeStruct((batch, q_heads, t_pad, v_dim), q.dtype)
-    lse_shape = jax.ShapeDtypeStruct((batch, q_heads, t_pad, 1), jnp.float32)
+    g, bq = cfg.groups, cfg.block_q
+    q_pos, kv_pos, q_seg, kv_seg = layouts
+    q_cos, q_sin, kv_cos, kv_sin = tables
     if cfg.driver == "grid":
         grid = (batch, q_heads, cfg.q_blocks, cfg.kv_blocks)
-        q_map = lambda b, h, i, j: (b, h, i, 0)  # noqa: E731
-        kv_map = lambda b, h, i, j: (b, h // g, j, 0)  # noqa: E731
-        q_row = lambda b, h, i, j: (b, 0, i)  # noqa: E731
-        kv_row = lambda b, h, i, j: (b, 0, j)  # noqa: E731
-        kv_rows = bk
-        kv_spec = lambda dim: pl.BlockSpec((None, None, bk, dim), kv_map)  # noqa: E731
         semantics = ("parallel", "parallel", "parallel", "arbitrary")
+
+        def kv_block(b, i, j, lo, hi):
+            return _clamp(j, lo[b, i], hi[b, i])
+
+        q_map = lambda b, h, i, j, *_: (b, h, i, 0)  # noqa: E731
+        q_rows = lambda b, h, i, j, *_: (b, i, 0)  # noqa: E731
+        kv_map = lambda b, h, i, j, *s: (b, lax.div(h, g), kv_block(b, i, j, *s), 0)  # noqa: E731
+        kv_rows = lambda b, h, i, j, *s: (b, kv_block(b, i, j, *s), 0)  # noqa: E731
+        kv_cols = lambda b, h, i, j, *s: (b, 0, kv_block(b, i, j, *s))  # noqa: E731
+        kv_len = cfg.block_k
+    else:
+        grid = (batch, q_heads, cfg.q_blocks)
+        semantics = ("parallel", "parallel", "parallel")
+        q_map = lambda b, h, i: (b, h, i, 0)  # noqa: E731
+        q_rows = lambda b, h, i: (b, i, 0)  # noqa: E731
+        kv_map = lambda b, h, i: (b, lax.div(h, g), 0, 0)  # noqa: E731
+        kv_rows = kv_cols = lambda b, h, i: (b, 0, 0)  # noqa: E731
+        kv_len = s_pad
+    lanes = q_pos.shape[-1]
+    inputs = [("q", q, pl.BlockSpec((None, None, bq, qk_dim), q_map)),
+              ("k", k, pl.BlockSpec((None, None, kv_len, qk_dim), kv_map)),
+              ("v", v, pl.BlockSpec((None, None, kv_len, v_dim), kv_map)),
+              ("q_pos", q_pos, pl.BlockSpec((None, bq, lanes), q_rows)),
+              ("kv_pos", kv_pos, pl.BlockSpec((None, 1, kv_len), kv_cols)),
+              ("q_seg", q_seg, pl.BlockSpec((None, bq, lanes), q_rows)),
+              ("kv_seg", kv_seg, pl.BlockSpec((None, 1, kv_len), kv_cols)),
+              ("q_cos", q_cos, pl.BlockSpec((None, bq, qk_dim), q_rows)),
+              ("q_sin", q_sin, pl.BlockSpec((None, bq, qk_dim), q_rows)),
+              ("kv_cos", kv_cos, pl.BlockSpec((None, kv_len, qk_dim), kv_rows)),
+              ("kv_sin", kv_sin, pl.BlockSpec((None, kv_len, qk_dim), kv_rows))]
+    return grid, semantics, q_map, inputs
+
+
+def _forward(cfg: _Config, q, k, v, layouts, tables, ranges):
+    batch, q_heads, t_pad, qk_dim = q.shape
+    v_dim, bq = v.shape[-1], cfg.block_q
+    grid, semantics, q_map, inputs = _q_major(cfg, q, k, v, layouts, tables)
+    scratch = []
+    if cfg.driver == "grid":
         scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("m", ((bq, 1), jnp.float32)),
                    ("l", ((bq, 1), jnp.float32)), ("acc", ((bq, v_dim), jnp.float32))]
-    else:
-        grid = (batch, q_heads, cfg.q_blocks)
-        q_map = lambda b, h, i: (b, h, i, 0)  # noqa: E731
-        kv_map = lambda b, h, i: (b, h // g, 0, 0)  # noqa: E731
-        q_row = lambda b, h, i: (b, 0, i)  # noqa: E731
-        kv_row = lambda b, h, i: (b, 0, 0)  # noqa: E731
-        kv_rows = s_pad
-        kv_spec = lambda dim: pl.BlockSpec((None, None, s_pad, dim), kv_map)  # noqa: E731
-        semantics = ("parallel", "parallel", "parallel")
-        scratch = []
-    q_row_spec, kv_row_spec = _row_specs(q_row, kv_row, bq, kv_rows)
-    inputs = [("q", q, pl.BlockSpec((None, None, bq, qk_dim), q_map)),
-              ("k", k, kv_spec(qk_dim)), ("v", v, kv_spec(v_dim)),
-              ("q_pos", q_pos, q_row_spec), ("kv_pos", kv_pos, kv_row_spec),
-              ("q_seg", q_seg, q_row_spec), ("kv_seg", kv_seg, kv_row_spec),
-              *_freq_inputs(freqs)]
-    inputs += [(name, x, _scalars(cfg)) for name, x in zip(cfg.mask.bounds, bounds)]
-    outputs = [("o", out_shape, pl.BlockSpec((None, None, bq, v_dim), q_map)),
-               ("lse", lse_shape, pl.BlockSpec((None, None, bq, 1), q_map))]
-    return _call(_fwd_kernel, cfg, grid, semantics, inputs, outputs, scratch, "flash_rope_fwd")
+    outputs = [("o", jax.ShapeDtypeStruct((batch, q_heads, t_pad, v_dim), q.dtype),
+                pl.BlockSpec((None, None, bq, v_dim), q_map)),
+               ("lse", jax.ShapeDtypeStruct((batch, q_heads, t_pad, 1), jnp.float32),
+                pl.BlockSpec((None, None, bq, 1), q_map))]
+    flops = 2 * _score_count(cfg, q.shape) * (qk_dim + v_dim)
+    return _call(_fwd_kernel, cfg, grid, semantics, ranges[:2], inputs, outputs, scratch,
+                 flops, "flash_rope_fwd")
 
 
-def _backward_dq(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, d_out,
-                 lse, delta):
-    batch, q_heads, t_pad, qk_dim = q.shape
-    v_dim, s_pad = v.shape[-1], k.shape[2]
-    g, bq, bk = cfg.groups, cfg.block_q, cfg.block_k
+def _backward_dq(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta):
+    qk_dim, v_dim, bq = q.shape[-1], v.shape[-1], cfg.block_q
+    grid, semantics, q_map, inputs = _q_major(cfg, q, k, v, layouts, tables)
+    inputs += [("d_out", d_out, pl.BlockSpec((None, None, bq, v_dim), q_map)),
+               ("lse", lse, pl.BlockSpec((None, None, bq, 1), q_map)),
+               ("delta", delta, pl.BlockSpec((None, None, bq, 1), q_map))]
+    scratch = []
     if cfg.driver == "grid":
-        grid = (batch, q_heads, cfg.q_blocks, cfg.kv_blocks)
-        q_map = lambda b, h, i, j: (b, h, i, 0)  # noqa: E731
-        kv_map = lambda b, h, i, j: (b, h // g, j, 0)  # noqa: E731
-        q_row = lambda b, h, i, j: (b, 0, i)  # noqa: E731
-        kv_row = lambda b, h, i, j: (b, 0, j)  # noqa: E731
-        kv_rows = bk
-        semantics = ("parallel", "parallel", "parallel", "arbitrary")
         scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("dq_acc", ((bq, qk_dim), jnp.float32))]
-    else:
-        grid = (batch, q_heads, cfg.q_blocks)
-        q_map = lambda b, h, i: (b, h, i, 0)  # noqa: E731
-        kv_map = lambda b, h, i: (b, h // g, 0, 0)  # noqa: E731
-        q_row = lambda b, h, i: (b, 0, i)  # noqa: E731
-        kv_row = lambda b, h, i: (b, 0, 0)  # noqa: E731
-        kv_rows = s_pad
-        semantics = ("parallel", "parallel", "parallel")
-        scratch = []
-    q_row_spec, kv_row_spec = _row_specs(q_row, kv_row, bq, kv_rows)
-    inputs = [("q", q, pl.BlockSpec((None, None, bq, qk_dim), q_map)),
-              ("k", k, pl.BlockSpec((None, None, kv_rows, qk_dim), kv_map)),
-              ("v", v, pl.BlockSpec((None, None, kv_rows, v_dim), kv_map)),
-              ("q_pos", q_pos, q_row_spec), ("kv_pos", kv_pos, kv_row_spec),
-              ("q_seg", q_seg, q_row_spec), ("kv_seg", kv_seg, kv_row_spec),
-              *_freq_inputs(freqs),
-              ("d_out", d_out, pl.BlockSpec((None, None, bq, v_dim), q_map)),
-              ("lse", lse, pl.BlockSpec((None, None, bq, 1), q_map)),
-              ("delta", delta, pl.BlockSpec((None, None, bq, 1), q_map))]
-    inputs += [(name, x, _scalars(cfg)) for name, x in zip(cfg.mask.bounds, bounds)]
     outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype),
                 pl.BlockSpec((None, None, bq, qk_dim), q_map))]
-    return _call(_dq_kernel, cfg, grid, semantics, inputs, outputs, scratch, "flash_rope_dq")[0]
+    flops = 2 * _score_count(cfg, q.shape) * (2 * qk_dim + v_dim)
+    return _call(_dq_kernel, cfg, grid, semantics, ranges[:2], inputs, outputs, scratch, flops,
+                 "flash_rope_dq")[0]
 
 
-def _backward_dkv(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, d_out,
-                  lse, delta):
+def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta):
+    """dk, dv: one kv block of one key/value head per program, reducing over the G query heads
+    of its group and the q blocks in its range (grid: along the last two grid axes, fetching
+    only q blocks in range; loop: a loop over both in the kernel)."""
     batch, kv_heads, s_pad, qk_dim = k.shape
     v_dim, t_pad = v.shape[-1], q.shape[2]
     g, bq, bk = cfg.groups, cfg.block_q, cfg.block_k
+    q_pos, kv_pos, q_seg, kv_seg = layouts
+    q_cos, q_sin, kv_cos, kv_sin = tables
     if cfg.driver == "grid":
         grid = (batch, kv_heads, cfg.kv_blocks, g, cfg.q_blocks)
-        q_map = lambda b, h, j, m, i: (b, h * g + m, i, 0)  # noqa: E731
-        kv_map = lambda b, h, j, m, i: (b, h, j, 0)  # noqa: E731
-        q_row = lambda b, h, j, m, i: (b, 0, i)  # noqa: E731
-        kv_row = lambda b, h, j, m, i: (b, 0, j)  # noqa: E731
-        q_block = lambda dim: (None, None, bq, dim)  # noqa: E731
-        q_rows = bq
         semantics = ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+
+        def q_block(b, j, i, lo, hi):
+            return _clamp(i, lo[b, j], hi[b, j])
+
+        q_map = lambda b, h, j, m, i, *s: (b, h * g + m, q_block(b, j, i, *s), 0)  # noqa: E731
+        q_rows = lambda b, h, j, m, i, *s: (b, q_block(b, j, i, *s), 0)  # noqa: E731
+        kv_map = lambda b, h, j, m, i, *_: (b, h, j, 0)  # noqa: E731
+        kv_rows = lambda b, h, j, m, i, *_: (b, j, 0)  # noqa: E731
+        kv_cols = lambda b, h, j, m, i, *_: (b, 0, j)  # noqa: E731
+        q_len, heads = bq, None
         scratch = [("k_rot", ((bk, qk_dim), k.dtype)), ("dk_acc", ((bk, qk_dim), jnp.float32)),
                    ("dv_acc", ((bk, v_dim), jnp.float32))]
-    else:  # the whole group of G query heads and all q blocks, looped over in the kernel
+    else:  # the whole group of G query heads and all q rows, looped over in the kernel
         grid = (batch, kv_heads, cfg.kv_blocks)
-        q_map = lambda b, h, j: (b, h, 0, 0)  # noqa: E731  (block index h of size G: heads hG..)
-        kv_map = lambda b, h, j: (b, h, j, 0)  # noqa: E731
-        q_row = lambda b, h, j: (b, 0, 0)  # noqa: E731
-        kv_row = lambda b, h, j: (b, 0, j)  # noqa: E731
-        q_block = lambda dim: (None, g, t_pad, dim)  # noqa: E731
-        q_rows = t_pad
         semantics = ("parallel", "parallel", "parallel")
+        q_map = lambda b, h, j: (b, h, 0, 0)  # noqa: E731  (block index h of size G: heads hG..)
+        q_rows = lambda b, h, j: (b, 0, 0)  # noqa: E731
+        kv_map = lambda b, h, j: (b, h, j, 0)  # noqa: E731
+        kv_rows = lambda b, h, j: (b, j, 0)  # noqa: E731
+        kv_cols = lambda b, h, j: (b, 0, j)  # noqa: E731
+        q_len, heads = t_pad, g
         scratch = []
-    q_row_spec, kv_row_spec = _row_specs(q_row, kv_row, q_rows, bk)
-    inputs = [("q", q, pl.BlockSpec(q_block(qk_dim), q_map)),
+    lanes = q_pos.shape[-1]
+    inputs = [("q", q, pl.BlockSpec((None, heads, q_len, qk_dim), q_map)),
               ("k", k, pl.BlockSpec((None, None, bk, qk_dim), kv_map)),
               ("v", v, pl.BlockSpec((None, None, bk, v_dim), kv_map)),
-              ("q_pos", q_pos, q_row_spec), ("kv_pos", kv_pos, kv_row_spec),
-              ("q_seg", q_seg, q_row_spec), ("kv_seg", kv_seg, kv_row_spec),
-              *_freq_inputs(freqs),
-              ("d_out", d_out, pl.BlockSpec(q_block(v_dim), q_map)),
-              ("lse", lse, pl.BlockSpec(q_block(1), q_map)),
-              ("delta", delta, pl.BlockSpec(q_block(1), q_map))]
-    inputs += [(name, x, _scalars(cfg)) for name, x in zip(cfg.mask.bounds, bounds)]
+              ("q_pos", q_pos, pl.BlockSpec((None, q_len, lanes), q_rows)),
+              ("kv_pos", kv_pos, pl.BlockSpec((None, 1, bk), kv_cols)),
+              ("q_seg", q_seg, pl.BlockSpec((None, q_len, lanes), q_rows)),
+              ("kv_seg", kv_seg, pl.BlockSpec((None, 1, bk), kv_cols)),
+              ("q_cos", q_cos, pl.BlockSpec((None, q_len, qk_dim), q_rows)),
+              ("q_sin", q_sin, pl.BlockSpec((None, q_len, qk_dim), q_rows)),
+              ("kv_cos", kv_cos, pl.BlockSpec((None, bk, qk_dim), kv_rows)),
+              ("kv_sin", kv_sin, pl.BlockSpec((None, bk, qk_dim), kv_rows)),
+              ("d_out", d_out, pl.BlockSpec((None, heads, q_len, v_dim), q_map)),
+              ("lse", lse, pl.BlockSpec((None, heads, q_len, 1), q_map)),
+              ("delta", delta, pl.BlockSpec((None, heads, q_len, 1), q_map))]
     outputs = [("dk", jax.ShapeDtypeStruct(k.shape, k.dtype),
                 pl.BlockSpec((None, None, bk, qk_dim), kv_map)),
                ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype),
                 pl.BlockSpec((None, None, bk, v_dim), kv_map))]
-    return _call(_dkv_kernel, cfg, grid, semantics, inputs, outputs, scratch, "flash_rope_dkv")
+    flops = 2 * _score_count(cfg, q.shape) * (2 * qk_dim + 2 * v_dim)
+    return _call(_dkv_kernel, cfg, grid, semantics, ranges[2:], inputs, outputs, scratch,
+                 flops, "flash_rope_dkv")
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds):
-    """q [B, Hq, Tp, D'], k [B, Hkv, Sp, D'], v [B, Hkv, Sp, Dv'] -> out [B, Hq, Tp, Dv']."""
-    return _forward(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds)[0]
+def _flash(cfg: _Config, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges):
+    """q [B, Hq, Tp, D'], k [B, Hkv, Sp, D'], v [B, Hkv, Sp, Dv'] -> out [B, Hq, Tp, Dv'];
+    positions and segment ids [B, Tp], [B, Sp]; ranges: `block_ranges`."""
+    return _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges)[0]
 
 
-def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds):
-    out, lse = _forward(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds)
-    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, out, lse)
+def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges):
+    tables = _tables(cfg, q_pos, kv_pos, freqs, q.dtype)
+    layouts = _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg)
+    out, lse = _forward(cfg, q, k, v, layouts, tables, ranges)
+    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse)
 
 
 def _flash_bwd(cfg, residuals, d_out):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, out, lse = residuals
+    """The tables and layouts are rebuilt from positions (cheap elementwise XLA), not saved."""
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse = residuals
     delta = online_softmax.delta(d_out, out)
-    args = (cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, bounds, d_out, lse, delta)
+    args = (cfg, q, k, v, _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg),
+            _tables(cfg, q_pos, kv_pos, freqs, q.dtype), ranges, d_out, lse, delta)
     dq = _backward_dq(*args)
     dk, dv = _backward_dkv(*args)
     zero = lambda x: None if x is None else jax.tree.map(jnp.zeros_like, x)  # noqa: E731
     return (dq, dk, dv, _int_zero(q_pos), _int_zero(kv_pos), _int_zero(q_seg),
-            _int_zero(kv_seg), zero(freqs), jax.tree.map(_int_zero, bounds))
+            _int_zero(kv_seg), zero(freqs), jax.tree.map(_int_zero, ranges))
 
 
 def _int_zero(x):

@@ -16,9 +16,10 @@ Everything is by position, not by index, so a decode step (T=1 against a cache o
 padding, packed documents (positions restarting per document) and ring attention's reordered
 tokens need no special case. Padding gets a segment id of its own.
 
-`Mask` carries the static pieces; `visible` builds the bool mask on any leading dims (the Pallas
-kernels call it on 1-D blocks); `may_see` is the block-skip test that every implementation which
-skips blocks uses, from per-block position bounds (`Mask.bounds` names the ones it reads).
+`Mask` carries the static pieces; `visible` builds the bool mask on any leading dims
+(`visible_pairs` on arrays already laid out as columns and rows, as the Pallas kernels hold
+them); `may_see` is the block-skip test that every implementation which skips blocks uses,
+from per-block position bounds (`Mask.bounds` names the ones it reads).
 """
 
 from __future__ import annotations
@@ -73,19 +74,32 @@ def visible(mask: Mask, positions: jax.Array, kv_positions: jax.Array,
             kv_segment_ids: jax.Array | None = None) -> jax.Array:
     """bool [..., T, S] from positions [..., T], kv_positions [..., S] and optional segment ids
     [..., T], [..., S] (both or neither); the leading dims broadcast."""
-    q_pos, kv_pos = positions[..., :, None], kv_positions[..., None, :]
+    def column(x):
+        return None if x is None else x[..., :, None]
+
+    def row(x):
+        return None if x is None else x[..., None, :]
+
+    return visible_pairs(mask, column(positions), row(kv_positions), column(segment_ids),
+                         row(kv_segment_ids))
+
+
+def visible_pairs(mask: Mask, q_positions: jax.Array, kv_positions: jax.Array,
+                  segment_ids: jax.Array | None = None,
+                  kv_segment_ids: jax.Array | None = None) -> jax.Array:
+    """`visible` on arrays that already broadcast against each other, e.g. a column [bq, 1] of
+    query positions and a row [1, bk] of key positions (the layouts of the Pallas kernels)."""
     pieces = []
     if mask.causal:
-        pieces.append(kv_pos <= q_pos)
+        pieces.append(kv_positions <= q_positions)
     if mask.window is not None:
-        pieces.append(q_pos - kv_pos < mask.window)
+        pieces.append(q_positions - kv_positions < mask.window)
     if mask.chunk_size is not None:
-        pieces.append(q_pos // mask.chunk_size == kv_pos // mask.chunk_size)
+        pieces.append(q_positions // mask.chunk_size == kv_positions // mask.chunk_size)
     if segment_ids is not None:
-        pieces.append(segment_ids[..., :, None] == kv_segment_ids[..., None, :])
+        pieces.append(segment_ids == kv_segment_ids)
     if not pieces:
-        lead = jnp.broadcast_shapes(positions.shape[:-1], kv_positions.shape[:-1])
-        return jnp.ones((*lead, positions.shape[-1], kv_positions.shape[-1]), bool)
+        return jnp.ones(jnp.broadcast_shapes(q_positions.shape, kv_positions.shape), bool)
     return functools.reduce(operator.and_, pieces)
 
 
