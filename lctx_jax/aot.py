@@ -138,7 +138,10 @@ def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[Stage
           + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()), flush=True)
     reports = []
     for index, stage in enumerate(config.stages):
-        report = _compile_stage(config, index, base_hf, mesh, hbm)
+        # The target chip as default device: Pallas' Mosaic lowering reads the TPU generation
+        # from it (e.g. for integer division in a chunked mask).
+        with jax.default_device(devices[0]):
+            report = _compile_stage(config, index, base_hf, mesh, hbm)
         reports.append(report)
         print(_describe(stage, report), flush=True)
     worst = max(reports, key=lambda r: r.peak / r.hbm)

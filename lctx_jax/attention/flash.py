@@ -6,73 +6,77 @@ takes un-rotated q and k.
     q'_i = R(θ(positions[b, i])) q_i,             k'_j = R(θ(kv_positions[b, j])) k_j
 
 Same semantics as ./xla.py (the reference): f32 scores, softmax and accumulation, zeros for a
-query that sees no key. Inside the kernels, the mask of a block is `masks.visible` on the
-block's 1-D positions and segment ids (plus padded keys), and the online softmax and its
-backward are ./online_softmax.py's functions on 2-D [bq, bk] blocks.
+query that sees no key. Inside the kernels, the mask of a block is `masks.visible_pairs` on a
+column of query positions and a row of key positions (and segment ids; plus padded keys), and
+the online softmax and its backward are ./online_softmax.py's functions on [bq, bk] blocks.
 
 How RoPE enters. `lx.rope.frequencies(rope, seq_len)` runs once outside the kernel (seq_len =
-max over positions and kv_positions + 1, as in `lx.rope.rotate_qk`); inv_freq (and the unscaled
-`default_frequencies` of LongRoPE's kept start tokens) are small f32 kernel inputs, the
-attention factor a compile-time constant. Inside, each q or k block gets cos, sin from its own
-positions by calling `lx.rope.rotation` on the block's arrays, and is rotated in the
-rotate-half layout: x' = x·cos + rotate_half(x)·sin (f32, then back to the input dtype for the
-matrix unit). Rotated q and k never exist in HBM. Partial rotary (rotary_dim r < head_dim D):
-outside the kernel the dims of q and k (never v) are permuted, the same way for both, so that
-scores q·k do not change, into [rot₁ | pass₁ | rot₂ | pass₂] with the halves of the rotary part
-D'/2 apart; the kernel then rotates whole rows with inv_freq padded by zeros, and pins cos = 1,
-sin = 0 on the pass-through lanes (which also keeps the attention factor off them). The
-gradients of that permutation, the transposes and the padding are left to autodiff.
+max over positions and kv_positions + 1, as in `lx.rope.rotate_qk`), and so do the tables:
+cos and sin [B, L, D'] of every query and key position (`rope_tables`, by `lx.rope.rotation`,
+in q's dtype as transformers casts them), with the rotate-half sign folded into sin, so that
+    R(θ)x = x·cos + swap(x)·sin,   swap([x₁, x₂]) = [x₂, x₁],   sin = [−sin₁, sin₂].
+The tables stream block by block beside q and k, like k and v: the kernels run no sin or cos,
+only 2 multiplies, an add and the swap per element (f32, then back to the input dtype for the
+matrix unit). Rotated q and k never exist in HBM; the tables are rebuilt from the positions
+for the backward, never saved. Partial rotary (rotary_dim r < head_dim D): outside the kernel
+the dims of q and k (never v) are permuted, the same way for both, so that scores q·k do not
+change, into [rot₁ | pass₁ | rot₂ | pass₂] with the halves of the rotary part D'/2 apart;
+the tables hold cos = 1, sin = 0 on the pass-through lanes (which also keeps the attention
+factor off them). The gradients of that permutation, the transposes and the padding are left
+to autodiff.
 
 Backward (FlashAttention-2 with recomputation, `jax.custom_vjp`): the forward saves out and the
 logsumexp lse (f32 [B, H, T, 1]); delta = rowsum(dout · out) is an XLA reduction; one kernel
 accumulates dq, another dk and dv. In the rotated frame, as usual (./online_softmax.py),
     p = exp(s − lse), dp = dout·vᵀ, dS = scale·p⊙(dp − delta), dq' = dS·k', dk' = dSᵀ·q',
     dv = Σ pᵀ·dout,
-and the rotation is undone at the end with its transpose. With C = diag(cos), S = diag(sin)
-and H the rotate-half matrix (Hx = [−x₂, x₁], so Hᵀ = −H), R = C + S·H and
-    Rᵀ = C + Hᵀ·S = C − H·S = C − S·H  (cos, sin are duplicated over the halves, so H·S = S·H),
-i.e. the same rotation with sin negated: dq = R(−θ)·dq', attention factor included.
+and the rotation is undone at the end with its transpose, the same rotation with sin negated:
+with C = diag(cos), S = diag(signed sin) and P the swap (symmetric), R = C + S·P and
+Rᵀ = C + P·S = C − S·P, since P·S = −S·P for a sin whose halves have opposite signs.
 
-Kernel structure. Layout [B, heads, L, D'] (transposed outside); q block [bq, D'], k/v block
-[bk, D']; positions and segment ids are [B, 1, L] int32 read in 1-D blocks. Block skipping:
-the position bounds of every block that `masks.may_see` needs (`Mask.bounds`: causal, the q
-block's max and the kv block's min; a window, the q min and kv max; chunks, all four) are
-precomputed, since positions may be arbitrary, and a block pair that `masks.may_see` rules out
-is not computed. Lengths the blocks do not divide are padded: padded keys are masked by index,
-padded queries dropped. Two drivers run the same block math (`_fwd_step`, `_dq_step`,
-`_dkv_step` and the mask/rotation/online-softmax helpers they share):
+Block skipping by ranges. Positions may be arbitrary, so for each q block the kernels get the
+range [lo, hi) of kv blocks from the first to the last pair that `masks.may_see` allows on the
+blocks' position bounds (`block_ranges`, an XLA computation over [B, T/bq, S/bk]; for dk, dv
+the range of q blocks per kv block). Causal, window and chunk masks with increasing positions
+see exactly the blocks of their range; any other block of a range is computed and hidden by
+the mask. Lengths the blocks do not divide are padded: padded keys are masked by index, padded
+queries dropped. Two drivers run the same block math (`_fwd_step`, `_dq_step`, `_dkv_step`):
   "grid" (TPU; default in interpret mode): grid (B, Hq, T/bq, S/bk) with the kv axis
          innermost and sequential; running max m, denominator l, accumulator and the rotated q
-         block live in VMEM scratch; dk, dv on grid (B, Hkv, S/bk, G, T/bq), reducing over the G
-         query heads of the group and the q blocks; block bounds in SMEM.
+         block live in VMEM scratch; dk, dv on grid (B, Hkv, S/bk, G, T/bq), reducing over the
+         G query heads of the group and the q blocks. The ranges are scalar-prefetched
+         (`PrefetchScalarGridSpec`, SMEM), and the kv (for dk, dv: q) index maps clamp the
+         grid index into the range: a step outside it repeats the neighbouring block index,
+         so Pallas fetches nothing for it, and `pl.when` skips its compute. Query positions and
+         segment ids come as [bq, 128] blocks (broadcast over a vector register's lanes, as
+         JAX's splash kernel passes segment ids), keys' as [1, bk] rows: the mask is a column
+         against a row, with no lane-to-sublane relayout.
   "loop" (GPU, Triton): grid (B, Hq, T/bq) (dk, dv: (B, Hkv, S/bk)), a `fori_loop` over the
-         other sequence's blocks with m, l, accumulator as loop carries; refs to whole rows.
+         range of the other sequence's blocks, m, l, accumulator as loop carries; refs to whole
+         rows; no `lax.cond` (the loads of a step are unconditional, so Triton can pipeline
+         them). q, k, their tables and gradients are held as two halves [blk, D'/2] read
+         through ref slices: swap is then the order of the halves, and q'k'ᵀ the sum of two
+         dots, with no lane shuffle and no permutation matmul.
 Grouped-query attention: the k/v index maps send query head h to kv head h // G (in the dk/dv
 kernel, kv head g and group member gi to query head g·G + gi), so k and v are never repeated.
+Every pallas_call carries a `pl.CostEstimate` (matmul flops, one exp per score, operand bytes)
+so that XLA schedules around it as the work it is.
 
 On a mesh (`attend_on_mesh`, what `attend(impl="flash", mesh=...)` and the model call): the
 kernel runs under a `shard_map` over the batch axes and the heads ("tensor", whole GQA groups
 per device), since GSPMD cannot partition a Mosaic or Triton custom call; a mesh that splits
 "sequence" is refused (that is attention="ring"'s job).
 
-Backends. CPU: `interpret=True` (what the tests run). TPU: Mosaic, `pltpu.CompilerParams`
-dimension semantics, `pltpu.roll` for rotate-half. GPU: Triton (`plgpu.CompilerParams`): head
-dims padded to a power of two >= 16, blocks powers of two >= 16, rotate-half as an exact matmul
-with a ±1 permutation (Triton lowers no lane slicing/concatenation), cos/sin by calling
-`lx.rope.rotation` with one frequency per row so its duplication is a join over a unit axis.
+Backends. CPU: `interpret=True` (what the tests run, both drivers). TPU: Mosaic,
+`pltpu.CompilerParams` dimension semantics, `pltpu.roll` for the swap, blocks of 512 by
+default (multiples of 128). GPU: Triton (`plgpu.CompilerParams`): head dims padded to a power
+of two >= 32 (halves >= 16 for Triton's dots), blocks powers of two >= 16.
 
-Verified only in interpret mode on CPU: every numeric result (tests/test_flash.py, against the
-xla path, both drivers; the GPU and TPU variants of rotate-half and the GPU variant of the
-block cos/sin are checked bitwise against lx.rope as plain functions). Checked without hardware: the
-Pallas→Triton (GPU) and Pallas→Mosaic (TPU) lowering of forward and backward, by
-`jit(...).trace(...).lower(lowering_platforms=("cuda",) / ("tpu",))` (also in the tests).
-Not checked: Triton's compilation to PTX, Mosaic's layout passes and compilation in libtpu,
-VMEM/SMEM/register budgets, speed. Known risks there: 1-D position/segment blocks broadcast to
-rows and columns in-kernel (Mosaic may reject the lane→sublane relayout; TPU's own kernels
-pass segment ids pre-broadcast as [L, 128] and [8, L]); lane concatenation inside
-`rope.rotation` and `pltpu.roll` on head dims below 128 lanes; whole-row k/v refs of the GPU
-driver (fine for Triton, which loads by pointer); SMEM size of the block bounds at very long
-sequences; skipped TPU blocks are still copied in (their index maps are not redirected).
+Verified in interpret mode on CPU: every numeric result (tests/test_flash.py, against the xla
+path, both drivers; the tables and both rotation layouts bitwise against lx.rope). Compiled
+without hardware: forward and backward by XLA's TPU compiler for a v5p (Mosaic's passes
+included; benchmarks/kernel_signals.py reads the compiled kernels' op counts), and lowered to
+Triton IR for GPU (tests). Not run on hardware: speed, and Triton's compilation to PTX.
 """
 
 from __future__ import annotations
