@@ -3,8 +3,11 @@
 Paths, all causal with RoPE (yarn ×4) on q [B, T, Hq, D], k, v [B, T, Hkv, D] (GQA 4:1):
   fused      attend(impl="flash", rope=rope): the Pallas kernel rotates q and k blocks inside
   outside    lx.rope.cos_sin + apply in XLA, then attend(impl="flash", rope=None)
+  splash     attend(impl="splash", rope=rope): JAX's splash kernel, RoPE outside (TPU only)
+  cudnn      attend(impl="cudnn", rope=rope): cuDNN's fused attention, RoPE outside, GQA
+             without repeating k and v (GPU only)
   reference  lx.rope outside, then jax.nn.dot_product_attention (implementation="cudnn" on GPU,
-             "xla" elsewhere), k and v repeated to Hq heads as it requires equal heads
+             "xla" elsewhere), k and v repeated to Hq heads
   blockwise  attend(impl="xla") with RoPE inside: lctx_jax's plain-JAX online-softmax path
 Per (path, T, D): forward and forward+backward time (median after a warm-up), TFLOP/s counted
 as 2·B·Hq·T²·D for the causal forward (half of 4·B·Hq·T²·D) and 3.5× that for forward+backward,
@@ -12,7 +15,8 @@ and peak memory: device peak bytes on GPU/TPU, peak RSS above the pre-run RSS on
 measurement runs in a fresh process. Ratios are against `reference`.
 
 On CPU the Pallas paths would run in interpret mode, which is a correctness tool and not a
-performance path, so only `reference` and `blockwise` run there.
+performance path, so only `reference` and `blockwise` run there; splash runs on TPU, cudnn on
+GPU (benchmarks/device.sh runs this on one GPU or TPU VM).
 
 Run:  python benchmarks/attention.py [--lengths 1024,4096] [--head-dims 64,128] [--json out]
 """
@@ -30,7 +34,9 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(__file__))
 from common import cpu_model, run_child, timed  # noqa: E402
 
-PATHS = ("fused", "outside", "reference", "blockwise")
+PATHS = ("fused", "outside", "splash", "cudnn", "reference", "blockwise")
+ONLY_ON = {"fused": ("gpu", "tpu"), "outside": ("gpu", "tpu"), "splash": ("tpu",),
+           "cudnn": ("gpu",)}  # the rest run everywhere
 HEADS = (8, 2)
 BATCH = 1
 ROPE_CONFIG = {"hidden_size": 1024, "num_attention_heads": 8, "max_position_embeddings": 131072,
@@ -58,8 +64,9 @@ def build(path: str, length: int, head_dim: int) -> tuple[Callable, tuple]:
         return lx.rope.apply(q, cos, sin), lx.rope.apply(k, cos, sin)
 
     def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        if path == "fused":
-            return lx.attention.attend(q, k, v, impl="flash", rope=rope, positions=positions)
+        if path in ("fused", "splash", "cudnn"):
+            impl = "flash" if path == "fused" else path
+            return lx.attention.attend(q, k, v, impl=impl, rope=rope, positions=positions)
         if path == "blockwise":
             return lx.attention.attend(q, k, v, impl="xla", rope=rope, positions=positions,
                                        block_size=512)
@@ -118,7 +125,7 @@ def main() -> None:
     import jax
     on_cpu = jax.default_backend() == "cpu"
     paths = args.paths.split(",") if args.paths else [
-        p for p in PATHS if not (on_cpu and p in ("fused", "outside"))]
+        p for p in PATHS if jax.default_backend() in ONLY_ON.get(p, (jax.default_backend(),))]
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
         for length in map(int, args.lengths.split(",")):
