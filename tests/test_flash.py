@@ -470,3 +470,42 @@ def test_kernels_lower_for_gpu_and_tpu(backend, monkeypatch):
     _lower(backend, platform, jnp.float32, False, False, None, 80, block)
     _lower(backend, platform, jnp.bfloat16, True, True, "default", 64, block, window=100,
            chunk_size=96)
+
+
+# ----------------------------------------------------------------------------- ring's chunks
+
+
+def test_chunks_merge_to_full_attention():
+    """chunk_forward over two halves of the keys, merged by their logsumexps, equals attention
+    over all keys; chunk_backward with the global lse and delta, summed over the chunks (dq) and
+    per chunk (dk, dv), equals its gradients: how ring attention uses the kernels per hop. The
+    first q block sees no key of the second chunk (lse +inf there, weight 0)."""
+    q, k, v = random_qkv(40, 2, 128, 128, 4, 2)
+    positions = jnp.broadcast_to(jnp.arange(128), (2, 128))
+    segment_ids = jnp.broadcast_to((jnp.arange(128) >= 50).astype(jnp.int32), (2, 128))
+    cotangent = jnp.asarray(np.random.default_rng(99).standard_normal(q.shape), jnp.float32)
+    mask, scale = masks.Mask(causal=True), HEAD_DIM ** -0.5
+    halves = [slice(0, 64), slice(64, 128)]
+
+    def chunk(part):
+        return dict(kv_positions=positions[:, part], kv_segment_ids=segment_ids[:, part])
+
+    common = dict(positions=positions, segment_ids=segment_ids, mask=mask, scale=scale,
+                  block_size=32)
+    parts = [flash.chunk_forward(q, k[:, part], v[:, part], **common, **chunk(part))
+             for part in halves]
+    assert np.isinf(np.asarray(parts[1][1][:, :32])).all()
+    finite = [jnp.where(jnp.isinf(lse), -jnp.inf, lse) for _, lse in parts]
+    lse = jnp.logaddexp(*finite)
+    out = sum(o * jnp.exp(l - lse)[..., None] for (o, _), l in zip(parts, finite))
+    ref_out, ref_grads = values_and_grads(q, k, v, cotangent, positions, positions, segment_ids,
+                                          segment_ids, impl="xla", causal=True, rope=None,
+                                          block_size=None, driver=None)
+    np.testing.assert_allclose(out, ref_out, **VALUE_TOL)
+    delta = jnp.sum(cotangent * out, axis=-1)
+    grads = [flash.chunk_backward(q, k[:, part], v[:, part], cotangent, lse, delta, **common,
+                                  **chunk(part)) for part in halves]
+    np.testing.assert_allclose(grads[0][0] + grads[1][0], ref_grads[0], **GRAD_TOL)
+    for index, name in ((1, "k"), (2, "v")):
+        np.testing.assert_allclose(jnp.concatenate([g[index] for g in grads], axis=1),
+                                   ref_grads[index], **GRAD_TOL, err_msg=f"d{name}")

@@ -162,6 +162,63 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     driver: "grid" | "loop" (see the module docstring), default "loop" on GPU, else "grid".
     seq_len: the rotation's sequence length (dynamic NTK, LongRoPE), default max position + 1.
     """
+    cfg, arrays = _prepare(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids,
+                           masks.Mask(causal, window, chunk_size), scale, rope, block_size,
+                           block_q, block_k, backend, driver, seq_len)
+    out = _flash(cfg, *arrays)
+    return out.transpose(0, 2, 1, 3)[:, :q.shape[1], :, :q.shape[3]]
+
+
+def chunk_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, positions: jax.Array,
+                  kv_positions: jax.Array, segment_ids: jax.Array | None,
+                  kv_segment_ids: jax.Array | None, mask: masks.Mask, scale: float,
+                  block_size: int | None = None, backend: str | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The forward kernel over one chunk of keys, for ring attention's hops: rotated q
+    [B, T, Hq, D], k, v [B, S, Hkv, D] (no rope) -> (out f32 [B, T, Hq, D], normalised over
+    this chunk's visible keys, and their logsumexp lse f32 [B, T, Hq], +inf where the chunk
+    holds no visible key). Not differentiable: `chunk_backward` is its part of the VJP."""
+    cfg, (qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, _, ranges) = _prepare(
+        q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, mask, scale, None,
+        block_size, None, None, backend, None, None)
+    layouts = _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg)
+    out, lse = _forward(cfg, qh, kh, vh, layouts, (None,) * 4, ranges, jnp.float32)
+    length, dim = q.shape[1], q.shape[3]
+    return (out.transpose(0, 2, 1, 3)[:, :length, :, :dim],
+            lse[..., 0].transpose(0, 2, 1)[:, :length])
+
+
+def chunk_backward(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
+                   delta: jax.Array, *, positions: jax.Array, kv_positions: jax.Array,
+                   segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                   mask: masks.Mask, scale: float, block_size: int | None = None,
+                   backend: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One chunk's share of the attention gradients (FlashAttention-2's dq and dk, dv kernels
+    with the global statistics): d_out [B, T, Hq, D], lse and delta = rowsum(d_out ⊙ out)
+    f32 [B, T, Hq] of the whole attention -> (dq, dk, dv) f32, shaped like q, k, v."""
+    cfg, (qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, _, ranges) = _prepare(
+        q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, mask, scale, None,
+        block_size, None, None, backend, None, None)
+    t_pad = qh.shape[2]
+
+    def statistic(x, fill):  # [B, T, Hq] -> [B, Hq, Tp, 1]; padded queries see nothing
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, t_pad - x.shape[1]), (0, 0)],
+                    constant_values=fill)
+        return x.transpose(0, 2, 1)[..., None]
+
+    args = (cfg, qh, kh, vh, _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg), (None,) * 4, ranges,
+            _heads_major(d_out, vh.shape[-1], t_pad), statistic(lse, jnp.inf),
+            statistic(delta, 0.0))
+    dq = _backward_dq(*args, jnp.float32)
+    dk, dv = _backward_dkv(*args, jnp.float32)
+    return tuple(grad.transpose(0, 2, 1, 3)[:, :x.shape[1], :, :x.shape[3]]
+                 for grad, x in ((dq, q), (dk, k), (dv, v)))
+
+
+def _prepare(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, mask, scale, rope,
+             block_size, block_q, block_k, backend, driver, seq_len):
+    """(static _Config, the kernels' arrays: q, k, v heads-major and padded, positions and
+    segment ids padded, frequencies, `block_ranges`): the arguments of `_flash`."""
     backend = backend or jax.default_backend()
     if backend not in DEFAULT_BLOCKS:
         raise ValueError(f"flash attention runs on 'cpu' (interpreted), 'gpu' or 'tpu', "
@@ -172,7 +229,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     if backend == "gpu" and driver == "grid":
         raise ValueError("the 'grid' driver needs sequential grid steps and scratch memory "
                          "(TPU, interpret mode); use driver='loop' on GPU")
-    mask = masks.Mask(causal, window, chunk_size)
     batch, q_len, q_heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     default_q, default_k = DEFAULT_BLOCKS[backend]
@@ -185,20 +241,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     qk_dim, pieces = _qk_layout(head_dim, rotary_dim, backend)
     v_dim = _pad_dim(head_dim, backend)
 
-    def heads_major(x, dim, length, pieces=None):  # [B, L, H, D] -> [B, H, Lp, dim]
-        x = jnp.pad(x, [(0, 0), (0, length - x.shape[1]), (0, 0), (0, dim - x.shape[3])])
-        if pieces is not None:
-            x = jnp.concatenate([x[..., start:stop] for start, stop in pieces], axis=-1)
-        return x.transpose(0, 2, 1, 3)
-
     def rows(x, length):  # [B, L] -> [B, Lp] int32, edge-padded (neutral for min and max)
         x = jnp.asarray(x, jnp.int32)
         return jnp.pad(x, [(0, 0), (0, length - x.shape[1])], mode="edge")
 
     t_pad, s_pad = q_blocks * block_q, kv_blocks * block_k
-    qh = heads_major(q, qk_dim, t_pad, pieces)
-    kh = heads_major(k, qk_dim, s_pad, pieces)
-    vh = heads_major(v, v_dim, s_pad)
+    qh = _heads_major(q, qk_dim, t_pad, pieces)
+    kh = _heads_major(k, qk_dim, s_pad, pieces)
+    vh = _heads_major(v, v_dim, s_pad)
     q_pos, kv_pos = rows(positions, t_pad), rows(kv_positions, s_pad)
     q_seg = kv_seg = None
     if segment_ids is not None:
@@ -220,8 +270,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, positions:
     cfg = _Config(mask=mask, scale=float(scale), block_q=block_q, block_k=block_k,
                   q_blocks=q_blocks, kv_blocks=kv_blocks, kv_len=kv_len,
                   groups=q_heads // kv_heads, rope=rope_static, backend=backend, driver=driver)
-    out = _flash(cfg, qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges)
-    return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim]
+    return cfg, (qh, kh, vh, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges)
+
+
+def _heads_major(x, dim, length, pieces=None):
+    """[B, L, H, D] -> [B, H, length, dim], zero-padded; `pieces`: the dims' new order."""
+    x = jnp.pad(x, [(0, 0), (0, length - x.shape[1]), (0, 0), (0, dim - x.shape[3])])
+    if pieces is not None:
+        x = jnp.concatenate([x[..., start:stop] for start, stop in pieces], axis=-1)
+    return x.transpose(0, 2, 1, 3)
 
 
 def attend_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any,
@@ -772,7 +829,8 @@ def _q_major(cfg: _Config, q, k, v, layouts, tables):
     return grid, semantics, q_map, inputs
 
 
-def _forward(cfg: _Config, q, k, v, layouts, tables, ranges):
+def _forward(cfg: _Config, q, k, v, layouts, tables, ranges, dtype=None):
+    """(out [B, Hq, Tp, Dv'] in `dtype` (default q's), lse f32 [B, Hq, Tp, 1])."""
     batch, q_heads, t_pad, qk_dim = q.shape
     v_dim, bq = v.shape[-1], cfg.block_q
     grid, semantics, q_map, inputs = _q_major(cfg, q, k, v, layouts, tables)
@@ -780,7 +838,7 @@ def _forward(cfg: _Config, q, k, v, layouts, tables, ranges):
     if cfg.driver == "grid":
         scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("m", ((bq, 1), jnp.float32)),
                    ("l", ((bq, 1), jnp.float32)), ("acc", ((bq, v_dim), jnp.float32))]
-    outputs = [("o", jax.ShapeDtypeStruct((batch, q_heads, t_pad, v_dim), q.dtype),
+    outputs = [("o", jax.ShapeDtypeStruct((batch, q_heads, t_pad, v_dim), dtype or q.dtype),
                 pl.BlockSpec((None, None, bq, v_dim), q_map)),
                ("lse", jax.ShapeDtypeStruct((batch, q_heads, t_pad, 1), jnp.float32),
                 pl.BlockSpec((None, None, bq, 1), q_map))]
@@ -789,7 +847,9 @@ def _forward(cfg: _Config, q, k, v, layouts, tables, ranges):
                  flops, "flash_rope_fwd")
 
 
-def _backward_dq(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta):
+def _backward_dq(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta,
+                 dtype=None):
+    """dq [B, Hq, Tp, D'] in `dtype` (default q's)."""
     qk_dim, v_dim, bq = q.shape[-1], v.shape[-1], cfg.block_q
     grid, semantics, q_map, inputs = _q_major(cfg, q, k, v, layouts, tables)
     inputs += [("d_out", d_out, pl.BlockSpec((None, None, bq, v_dim), q_map)),
@@ -798,15 +858,16 @@ def _backward_dq(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, del
     scratch = []
     if cfg.driver == "grid":
         scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("dq_acc", ((bq, qk_dim), jnp.float32))]
-    outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype),
+    outputs = [("dq", jax.ShapeDtypeStruct(q.shape, dtype or q.dtype),
                 pl.BlockSpec((None, None, bq, qk_dim), q_map))]
     flops = 2 * _score_count(cfg, q.shape) * (2 * qk_dim + v_dim)
     return _call(_dq_kernel, cfg, grid, semantics, ranges[:2], inputs, outputs, scratch, flops,
                  "flash_rope_dq")[0]
 
 
-def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta):
-    """dk, dv: one kv block of one key/value head per program, reducing over the G query heads
+def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta,
+                  dtype=None):
+    """dk, dv in `dtype` (default k's, v's): one kv block of one key/value head per program, reducing over the G query heads
     of its group and the q blocks in its range (grid: along the last two grid axes, fetching
     only q blocks in range; loop: a loop over both in the kernel)."""
     batch, kv_heads, s_pad, qk_dim = k.shape
@@ -854,9 +915,9 @@ def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, de
               ("d_out", d_out, pl.BlockSpec((None, heads, q_len, v_dim), q_map)),
               ("lse", lse, pl.BlockSpec((None, heads, q_len, 1), q_map)),
               ("delta", delta, pl.BlockSpec((None, heads, q_len, 1), q_map))]
-    outputs = [("dk", jax.ShapeDtypeStruct(k.shape, k.dtype),
+    outputs = [("dk", jax.ShapeDtypeStruct(k.shape, dtype or k.dtype),
                 pl.BlockSpec((None, None, bk, qk_dim), kv_map)),
-               ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype),
+               ("dv", jax.ShapeDtypeStruct(v.shape, dtype or v.dtype),
                 pl.BlockSpec((None, None, bk, v_dim), kv_map))]
     flops = 2 * _score_count(cfg, q.shape) * (2 * qk_dim + 2 * v_dim)
     return _call(_dkv_kernel, cfg, grid, semantics, ranges[2:], inputs, outputs, scratch,
