@@ -138,10 +138,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[Stage
           + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()), flush=True)
     reports = []
     for index, stage in enumerate(config.stages):
-        # The target chip as default device: Pallas' Mosaic lowering reads the TPU generation
-        # from it (e.g. for integer division in a chunked mask).
-        with jax.default_device(devices[0]):
-            report = _compile_stage(config, index, base_hf, mesh, hbm)
+        report = _compile_stage(config, index, base_hf, mesh, hbm)
         reports.append(report)
         print(_describe(stage, report), flush=True)
     worst = max(reports, key=lambda r: r.peak / r.hbm)
@@ -186,15 +183,20 @@ def _compile_stage(config: ml_collections.ConfigDict, index: int, base_hf: dict,
                          state, plan.state_shardings)
     batch = _abstract_batch(stage, stage.grad_accum, plan.batch_sharding)
     training.host_part(plan.batch_sharding, batch["input_ids"].shape, 0)  # hosts can feed it
-    train, largest = _measure(plan.step.train.lower(state, frozen, batch),
-                              _per_chip_bytes((state, frozen, batch)), hbm)
+    # Lowered with the target chip as default device: Pallas' Mosaic lowering reads the TPU
+    # generation from it (e.g. for integer division in a chunked mask).
+    with jax.default_device(mesh.devices.flat[0]):
+        lowered = plan.step.train.lower(state, frozen, batch)
+    train, largest = _measure(lowered, _per_chip_bytes((state, frozen, batch)), hbm)
     evaluated = None
     if config.eval_batches:
         eval_batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_drop_first(
                 x.sharding)), _abstract_batch(stage, 1, plan.batch_sharding))
-        evaluated, eval_largest = _measure(plan.step.eval.lower(state, frozen, eval_batch),
-                                           _per_chip_bytes((state, frozen, eval_batch)), hbm)
+        with jax.default_device(mesh.devices.flat[0]):
+            lowered = plan.step.eval.lower(state, frozen, eval_batch)
+        evaluated, eval_largest = _measure(lowered, _per_chip_bytes((state, frozen, eval_batch)),
+                                           hbm)
         if not largest:
             largest = eval_largest
     return StageReport(stage.name, dict(mesh.shape), train, evaluated, hbm, largest)

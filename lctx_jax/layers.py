@@ -33,8 +33,9 @@ REMAT_POLICIES = {
 @dataclasses.dataclass(frozen=True)
 class Context:
     """Per-call inputs every layer sees: positions and segments of the queries and of the keys
-    a layer's decode state holds, where this call's keys are written, and optionally a
-    rotation replacing the config's rope (runtime arrays: no recompile per value)."""
+    a layer's decode state holds, where this call's keys are written, optionally a rotation
+    replacing the config's rope (runtime arrays: no recompile per value), and whether the
+    tokens are in ring order (static)."""
 
     positions: jax.Array  # [B, T]
     segment_ids: jax.Array | None  # [B, T]
@@ -42,11 +43,12 @@ class Context:
     kv_segment_ids: jax.Array | None  # [B, S]
     cache_index: jax.Array | None  # scalar: the state slot of this call's first token
     rope: RopeArrays | None = None  # None: the config's rope
+    ring_order: bool = False  # tokens in `ring.reorder` order: impl "ring" skips its own
 
 
 jax.tree_util.register_dataclass(
     Context, data_fields=["positions", "segment_ids", "kv_positions", "kv_segment_ids",
-                          "cache_index", "rope"], meta_fields=[])
+                          "cache_index", "rope"], meta_fields=["ring_order"])
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
@@ -129,7 +131,10 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
     an optional sliding `window`. cache {"k", "v"} [B, S, Hkv, D] (one layer's KV cache, keys
     un-rotated) gets this call's k, v at slot ctx.cache_index, and attention runs over all S
     cached keys with ctx.kv_positions / kv_segment_ids. Cached calls use "xla" when `impl` is
-    self-attention only ("ring", "s2": LongLoRA evaluates and generates with full attention).
+    self-attention only ("ring", "s2": LongLoRA evaluates and generates with full attention;
+    "splash", "cudnn": masks by token index).
+    ctx.ring_order (tokens in ring order: the decoder's, see attention/ring.py) is passed on
+    as `inputs_reordered`.
 
     infini (with `gate` [Hq], the layer's gate logits): Infini-attention instead
     (`lctx_jax.attention.infini`): segments of infini.segment_len tokens by index, the local
@@ -155,12 +160,13 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
         k, v = (jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start)
                 for name, new in (("k", k), ("v", v)))
         cache = {"k": k, "v": v}
-        if impl in ("ring", "s2"):
+        if impl in ("ring", "s2", "splash", "cudnn"):
             impl = "xla"
     out = attend(q, k.astype(dtype), v.astype(dtype), impl=impl, causal=True,
                  segment_ids=ctx.segment_ids, rope=rope,
                  positions=ctx.positions, mesh=mesh, kv_positions=ctx.kv_positions,
-                 kv_segment_ids=ctx.kv_segment_ids, window=window)
+                 kv_segment_ids=ctx.kv_segment_ids, window=window,
+                 inputs_reordered=ctx.ring_order)
     return dense(x.shape[-1], "o", o_bias)(out.reshape(*x.shape[:-1], -1)), cache
 
 

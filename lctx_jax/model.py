@@ -33,9 +33,10 @@ class ModelSpec:
     """How to run a family's decoder, without its weights.
 
     dtype: compute dtype; parameters keep theirs (bf16 checkpoints stay bf16 in memory).
-    attention: "xla" | "flash" | "ring" | "s2" (see lctx_jax.attention.attend), or "infini"
-    for a config with Infini-attention settings (`config.infini`, lctx_jax.attention.infini),
-    which the other values refuse.
+    attention: "xla" | "flash" | "ring" | "s2" | "splash" | "cudnn" (see
+    lctx_jax.attention.attend; the self-attention-only ones decode with "xla"), or "infini" for
+    a config with Infini-attention settings (`config.infini`, lctx_jax.attention.infini), which
+    the other values refuse.
     remat: "none" | "full" | "dots" — activation checkpointing policy per layer.
     mesh: a Mesh from `lctx_jax.make_mesh`, or None: parameters are placed by the family's
     sharding rules (`param_shardings`), activations split over batch and sequence.

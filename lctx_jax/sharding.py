@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -71,7 +72,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
 
     One size may be -1 (default: data), meaning all devices the others leave. devices: default
     jax.devices() (every device of every process). On TPU / GPU the devices are laid out by
-    `mesh_utils.create_device_mesh` so inner axes get the fastest links.
+    `mesh_utils.create_device_mesh` so inner axes get the fastest links; where it cannot (axis
+    sizes that are not products of the slice's physical dimensions, devices= that are not a
+    whole block of the slice) they keep the order given, with a warning naming the axes.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -104,9 +107,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
     try:
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # a subset of a TPU slice, or an unknown topology: plain order
+    except Exception as error:  # a subset of a TPU slice, or an unknown topology: plain order
+        if devices[-1].platform != "cpu":  # simulated CPU devices have no topology to miss
+            warnings.warn(_plain_order_warning(sizes, devices, error), stacklevel=2)
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, AXES)
+
+
+def _plain_order_warning(sizes: Mapping[str, int], devices: Sequence[Any],
+                         error: Exception) -> str:
+    """What make_mesh warns when `create_device_mesh` raised `error` for these axis sizes."""
+    split = ", ".join(f"{name}={size}" for name, size in sizes.items() if size > 1)
+    return (f"make_mesh({split}): mesh_utils.create_device_mesh cannot lay out these "
+            f"{len(devices)} {devices[-1].platform} devices on their physical topology "
+            f"({type(error).__name__}: {error}), so they are placed in the order given: "
+            f"neighbours along the mesh axes (the ring's along {SEQUENCE_AXIS!r}, the groups "
+            f"of {TENSOR_AXIS!r}) may not be physical neighbours, and their collectives may "
+            "cross slow links. To fix it, choose axis sizes that are each a product of some of "
+            "the slice's dimensions (e.g. sequence=4 or 16 on a 4x4x4 slice), or pass devices= "
+            "a whole block of the slice (every chip of a sub-cuboid).")
 
 
 # ----------------------------------------------------------------------------- specs

@@ -8,12 +8,16 @@ reassociation alone: observed ≤ 1.1e-6 on values and ≤ 4e-6 on gradients (D 
 keys, dk/dv summing over T·G terms); compared at atol 1e-5 and 2e-5, rtol 1e-5, as
 test_attention.py does.
 
-Tiles: block_size 8 gives several tiles per device chunk, so tile skipping (causal) and the
-zigzag halves are exercised; attend's own default (one tile per chunk half here) is tested too.
+Tiles: block_size 8 gives several tiles per device chunk, so tile skipping (causal, and by
+segment-id ranges) and the zigzag halves are exercised; attend's own default (one tile per
+chunk half here) is tested too. A tiny LLaMA with attention="ring" (tokens in ring order
+through its layers) is compared with "xla", and its compiled forward's collectives counted.
 """
 
 import functools
 import math
+import re
+from collections import Counter
 
 import jax
 import jax.extend
@@ -131,9 +135,11 @@ def test_rope_matches_xla(rope_type):
     check_against_xla(q, k, v, make_mesh(data=2, sequence=4), rope=rope, positions=positions)
 
 
-def test_packed_segments_cross_devices():
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_segments_cross_devices(causal):
     """8 documents of random lengths per row, positions restarting at 0 in each: documents
-    span device chunks; one query's segment id matches no key, so it gets zeros."""
+    span device chunks; one query's segment id matches no key, so it gets zeros. Tile pairs
+    with disjoint segment-id ranges are skipped (without causality the only skipping)."""
     rng = np.random.default_rng(1)
     segment_ids, positions = packed_documents(rng, rows=2, length=LENGTH, documents=8)
     kv_segment_ids = segment_ids.copy()
@@ -142,7 +148,7 @@ def test_packed_segments_cross_devices():
     out = check_against_xla(q, k, v, make_mesh(fsdp=2, sequence=4),
                             segment_ids=jnp.asarray(segment_ids),
                             kv_segment_ids=jnp.asarray(kv_segment_ids),
-                            positions=jnp.asarray(positions))
+                            positions=jnp.asarray(positions), causal=causal)
     assert (out[1, 70] == 0).all()
 
 
@@ -279,6 +285,33 @@ def test_reorder_layout(scheme, ring_size):
 def test_skipped_tiles_match_work_per_device(scheme, mask, monkeypatch, request):
     """The tiles the forward ring folds in, counted per device as it runs, are those that
     work_per_device predicts on the host, for causal, windowed and chunked masks."""
+    positions = jnp.arange(LENGTH)
+    np.testing.assert_array_equal(
+        computed_tiles(monkeypatch, request, 1, positions=positions, scheme=scheme, **mask),
+        ring.work_per_device(positions, 4, scheme, block_size=BLOCK, **mask))
+
+
+@pytest.mark.parametrize("scheme, mask", [*((scheme, {}) for scheme in ring.SCHEMES),
+                                          ("none", dict(causal=False))], ids=str)
+def test_tiles_of_different_documents_are_skipped(scheme, mask, monkeypatch, request):
+    """Packed documents (positions restarting, non-decreasing segment ids), 2 rows: a tile
+    pair whose segment-id ranges are disjoint in both rows is skipped too. The computed tiles
+    are work_per_device's given the segment ids: here 94 of 256 pairs with zigzag or
+    contiguous chunks (240 by positions alone), 160 striped (256), 126 without causality."""
+    segment_ids, positions = packed_documents(np.random.default_rng(5), rows=2, length=LENGTH,
+                                              documents=6)
+    counts = computed_tiles(monkeypatch, request, 2, positions=jnp.asarray(positions),
+                            segment_ids=jnp.asarray(segment_ids), scheme=scheme, **mask)
+    expected = ring.work_per_device(positions, 4, scheme, block_size=BLOCK,
+                                    segment_ids=segment_ids, **mask)
+    np.testing.assert_array_equal(counts, expected)
+    by_positions = ring.work_per_device(positions, 4, scheme, block_size=BLOCK, **mask)
+    assert expected.sum() < by_positions.sum()
+
+
+def computed_tiles(monkeypatch, request, batch, **kwargs):
+    """The tile pairs ring.attend's forward folds in on each of 4 devices (block BLOCK), counted
+    as it runs. kwargs: positions, segment ids, scheme, the mask."""
     counts = np.zeros(4, int)
 
     def count(device):
@@ -293,13 +326,10 @@ def test_skipped_tiles_match_work_per_device(scheme, mask, monkeypatch, request)
     monkeypatch.setattr(ring.xla, "fold_block", counted_step)
     ring._compiled.cache_clear()  # retrace: an equal configuration may be cached already...
     request.addfinalizer(ring._compiled.cache_clear)  # ...and keep no counting trace cached
-    q, k, v = random_qkv(0, 1, 4, 2)
-    positions = jnp.arange(LENGTH)
+    q, k, v = random_qkv(0, batch, 4, 2)
     jax.block_until_ready(jax.jit(functools.partial(
-        ring.attend, mesh=make_mesh(sequence=4), positions=positions, scheme=scheme,
-        block_size=BLOCK, **mask))(q, k, v))
-    np.testing.assert_array_equal(
-        counts, ring.work_per_device(positions, 4, scheme, block_size=BLOCK, **mask))
+        ring.attend, mesh=make_mesh(sequence=4), block_size=BLOCK, **kwargs))(q, k, v))
+    return counts
 
 
 @pytest.mark.parametrize("scheme", ["zigzag", "striped"])
@@ -367,6 +397,91 @@ def test_errors():
         attention.attend(q, k, v, impl="ring", mesh=make_mesh(tensor=4, sequence=2))
     with pytest.raises(ValueError, match="scheme 'diagonal'"):
         ring.attend(q, k, v, mesh=sequence4, positions=jnp.arange(24), scheme="diagonal")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def tiny_llama():
+    """A 2-layer LLaMA with weights 3x its init (std 0.06): logits of size ~4."""
+    config = lx.ModelConfig.from_hf({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": LENGTH})
+    params = lx.Model.init(config, jax.random.key(0)).params
+    return lx.Model(config, jax.tree.map(lambda p: 3 * p, params))
+
+
+def test_ring_model_matches_xla():
+    """A 2-layer LLaMA with attention="ring" on data=2 × sequence=4 (tokens reordered once
+    into zigzag order before the layers, restored once after) against "xla", packed documents:
+    logits, and the next-token NLL (hidden states through the chunked head) with its gradients
+    w.r.t. every parameter. Logits differ by ≤ 5e-6 (f32 reassociation, as much as "xla" on
+    the mesh differs from no mesh; an error in the token order is O(1)), compared at 1e-4 as in
+    test_sharding.py."""
+    mesh = lx.make_mesh(data=2, sequence=4)
+    reference = tiny_llama()
+    model = lx.Model(reference.config, reference.params, attention="ring", mesh=mesh)
+    rng = np.random.default_rng(7)
+    segment_ids, positions = packed_documents(rng, rows=2, length=LENGTH, documents=5)
+    ids = rng.integers(0, 64, (2, LENGTH)).astype(np.int32)
+    inputs = dict(positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(np.asarray(model(ids, **inputs)),
+                               np.asarray(reference(ids, **inputs)), atol=1e-4, rtol=0)
+
+    def loss_and_grads(model):
+        return jax.jit(jax.value_and_grad(lambda p: lx.next_token_nll(model, ids, p, **inputs))
+                       )(model.params)
+
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(model), loss_and_grads(reference)
+    np.testing.assert_allclose(float(loss), float(ref_loss), atol=1e-5, rtol=0)
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        ref_grad = functools.reduce(lambda tree, key: tree[key.key], path, ref_grads)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), atol=1e-5,
+                                   rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+COLLECTIVES = "all-to-all|collective-permute|all-gather|all-reduce|reduce-scatter"
+
+
+def token_moves(hlo):
+    """Counter of (op, where) over the compiled HLO's collectives outside ring attention's
+    shard_map (the ring's own hops are ppermutes inside it), where = "layers" for those in the
+    decoder's layer loop (by their op_name), else "once"."""
+    found = re.findall(rf" ({COLLECTIVES})(?:-start)?\(.*?op_name=\"([^\"]*)\"", hlo)
+    assert any("shard_map" in name for _, name in found)  # the ring's hops are recognised
+    return Counter((op, "layers" if "/layers/" in name else "once")
+                   for op, name in found if "shard_map" not in name)
+
+
+def test_ring_model_moves_tokens_once():
+    """The compiled forward of a 2-layer ring LLaMA on data=2 × sequence=4 with positions and
+    segment ids: no collective outside the ring's hops is left in the layer loop (before, each
+    layer's attend reordered q, k, v, positions, segment ids and restored its output: 3
+    all-to-all + 29 collective-permute + 2 all-reduce, run once per layer), and the one
+    reorder (input_ids, positions, segment ids) + restore (hidden states) of the forward
+    (observed: 3 all-to-all + 13 collective-permute + 1 all-reduce) is cheaper than what a
+    single attend call does on its own."""
+    mesh = lx.make_mesh(data=2, sequence=4)
+    tiny = tiny_llama()
+    model = lx.Model(tiny.config, tiny.params, attention="ring", mesh=mesh)
+    tokens = lx.sharding.activation_sharding(mesh, (2, LENGTH))
+    ids, positions, segment_ids = (jax.ShapeDtypeStruct((2, LENGTH), jnp.int32, sharding=tokens)
+                                   for _ in range(3))
+    moves = token_moves(jax.jit(model.apply).lower(model.params, ids, positions, segment_ids)
+                        .compile().as_text())
+    assert {where for _, where in moves} == {"once"}, moves
+    spec = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
+    q, k = (jax.ShapeDtypeStruct((2, LENGTH, heads, 8), jnp.float32, sharding=spec)
+            for heads in (4, 2))
+
+    def attend(q, k, v, positions, segment_ids):
+        return attention.attend(q, k, v, impl="ring", mesh=mesh, positions=positions,
+                                segment_ids=segment_ids)
+
+    per_call = token_moves(jax.jit(attend).lower(q, k, k, positions, segment_ids).compile()
+                           .as_text())
+    assert moves.total() < per_call.total(), (moves, per_call)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -9,6 +9,7 @@ differ by ~2e-6). A sharding bug (a wrong slice, a missed all-reduce) shows up a
 """
 
 import logging
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,44 @@ def test_make_mesh_shapes():
 def test_make_mesh_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lx.make_mesh(**kwargs)
+
+
+class OnTPU:
+    """A CPU device that reports platform "tpu" (what make_mesh reads to decide on warning)."""
+    platform = "tpu"
+
+    def __init__(self, device):
+        self.device = device
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+
+@pytest.mark.parametrize("on_tpu", [True, False])
+def test_make_mesh_warns_when_the_topology_cannot_be_laid_out(on_tpu, monkeypatch):
+    """create_device_mesh failing (sizes that no product of the slice's dimensions gives, or
+    a partial slice): the devices keep the order given, with a warning naming the axes and
+    the fixes on TPU / GPU; none for CPU devices, which have no topology."""
+    from jax.experimental import mesh_utils
+
+    def cannot(shape, devices):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 3")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", cannot)
+    devices = [OnTPU(d) if on_tpu else d for d in jax.devices()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mesh = lx.make_mesh(data=2, sequence=4, devices=devices)
+    assert list(mesh.devices.flat) == devices
+    if not on_tpu:
+        assert not caught
+        return
+    [warning] = caught
+    message = str(warning.message)
+    for part in ("make_mesh(data=2, sequence=4)", "8 tpu devices", "Failed to find assignment",
+                 "'sequence'", "not be physical neighbours", "devices=", "product"):
+        assert part in message, part
+    assert warning.filename == __file__
 
 
 # ----------------------------------------------------------------------------- rules

@@ -284,20 +284,24 @@ def _heads_major(x, dim, length, pieces=None):
 def attend_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any,
                    positions: jax.Array, kv_positions: jax.Array,
                    segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
-                   rope: rope_lib.RopeConfig | None, **kwargs: Any) -> jax.Array:
-    """`attend` on every device of `mesh` for its own rows and heads: a `shard_map` over the
+                   rope: rope_lib.RopeConfig | None,
+                   kernel: Callable[..., jax.Array] = attend, impl: str = "flash",
+                   **kwargs: Any) -> jax.Array:
+    """`kernel` on every device of `mesh` for its own rows and heads: a `shard_map` over the
     batch axes ("data", "fsdp") and the heads ("tensor", when it divides both the query and
     the key/value heads, so each device keeps whole GQA groups: query heads h·G .. h·G + G − 1
     with their key/value head h). GSPMD cannot partition a Mosaic or Triton kernel, so the
     call must not reach it bare. The kernel runs for the mesh's platform (a compile-only TPU
     topology included), and the rotation's sequence length is the maximum over all rows.
 
-    A mesh that splits "sequence" is refused: flash attends whole sequences per device, and
-    gathering the keys of every device is what attention="ring" avoids.
+    kernel: this module's `attend`, or another taking its arguments (splash.attend,
+    cudnn.attend), with backend= and seq_len=; impl: its attention name, for errors.
+    A mesh that splits "sequence" is refused: the kernel attends whole sequences per device,
+    and gathering the keys of every device is what attention="ring" avoids.
     """
     if mesh.shape.get(sharding.SEQUENCE_AXIS, 1) > 1:
         raise ValueError(
-            f"attention='flash' needs every sequence whole on a device, but the mesh splits "
+            f"attention={impl!r} needs every sequence whole on a device, but the mesh splits "
             f"tokens over 'sequence' ({mesh.shape[sharding.SEQUENCE_AXIS]} devices); use "
             "attention='ring' (sequence parallel), or a mesh with sequence=1")
     batch_spec = sharding.fit_spec(PartitionSpec(sharding.BATCH_AXES), q.shape[:1], mesh)
@@ -315,7 +319,7 @@ def attend_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any,
             seq_len = jnp.maximum(jnp.max(positions), jnp.max(kv_positions)) + 1
             if batch_axes:
                 seq_len = lax.pmax(seq_len, batch_axes)
-        return attend(q, k, v, positions=positions, kv_positions=kv_positions,
+        return kernel(q, k, v, positions=positions, kv_positions=kv_positions,
                       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, rope=rope,
                       backend=backend, seq_len=seq_len, **kwargs)
 

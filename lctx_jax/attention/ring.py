@@ -24,10 +24,13 @@ A device holds its own chunk, the visiting one (two while a hop is in flight) an
 tiles: never T×T scores, nor all of K, V or their gradients.
 
 Tiles. Within a hop, queries and the visiting chunk are cut into tiles (`tile_size`), visited
-by two nested loops (q tiles, kv tiles). A tile pair that `masks.may_see` rules out from the
-tiles' position bounds in every batch row (causal: every key after every query; a window: every
-key too far back; chunks: no chunk in common) is skipped by `lax.cond`, so whole hops of
-invisible chunks cost nothing. `work_per_device` counts the pairs each device computes.
+by two nested loops (q tiles, kv tiles). A tile pair is skipped by `lax.cond` when in every
+batch row `masks.may_see` rules it out from the tiles' position bounds (causal: every key after
+every query; a window: every key too far back; chunks: no chunk in common) or, with segment
+ids, the tiles' [min, max] segment-id ranges are disjoint (then no id is in common, whatever
+the ids; with documents packed contiguously under non-decreasing ids, as lctx_jax.data packs
+them, that is every pair of tiles with no document in common). So whole hops of invisible
+chunks cost nothing. `work_per_device` counts the pairs each device computes.
 Every loop here (hops and tiles) is a `lax.while_loop`, not a scan: see `_repeat` for why a
 layer-scanned model would otherwise keep O(T²/P) of masks and probabilities per device.
 
@@ -37,9 +40,12 @@ restores the output after (`reorder`, `restore`): "zigzag" (device i holds chunk
 2P−1−i of 2P; tiles split the two halves) or "striped" (token t on device t mod P); "none" keeps
 contiguous chunks. Positions and segment ids move with their tokens, so the mask and RoPE see
 true positions and the result does not depend on the scheme, only the work does.
-A caller that keeps its tokens in ring order all along (a model applying `reorder` once to
-input_ids, positions, segment_ids and targets) passes `inputs_reordered=True`: attend then
-skips the reorder and restore, two cross-device permutations of q, k, v and out per call.
+A caller that keeps its tokens in ring order passes `inputs_reordered=True`: attend then skips
+the reorder and restore, cross-device permutations of q, k, v, positions, segment ids and out
+on every call. The LLaMA decoder (lctx_jax.models.llama) does so: with attention="ring" on a
+mesh splitting "sequence" (no KV cache) it reorders input_ids, positions and segment ids once
+before its layers (by DEFAULT_SCHEME, what attend uses when causal) and restores the final
+hidden states once; norms and MLPs act per token, so the logits are unchanged.
 
 RoPE: q and the local k are rotated once per device before the ring, from their true positions,
 by `lx.rope.rotate_qk` with seq_len = global max position + 1 (`lax.pmax` over the ring and batch
@@ -57,8 +63,10 @@ for it, so an asynchronous collective can run behind the compute.
 Verified on CPU only (8 simulated devices; tests/test_ring.py): values and gradients against
 the "xla" path; the arrays each pass sends (P − 1 kv hops forward; P − 1 kv and P dK, dV hops
 backward); that the tiles computed per device equal `work_per_device`; that `reorder` compiles
-to chunk-sized collectives, no all-gather. Not verified: that GPU/TPU schedulers do overlap the
-ppermutes, speed, memory at scale. The inner block is XLA's tile math, not the Pallas kernels.
+to chunk-sized collectives, no all-gather; that a ring LLaMA equals an "xla" one and its
+compiled forward has no reorder collective left in its layer loop. Not verified: that GPU/TPU
+schedulers do overlap the ppermutes, speed, memory at scale. The inner block is XLA's tile
+math, not the Pallas kernels.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +87,7 @@ from lctx_jax import sharding
 from lctx_jax.attention import masks, online_softmax, xla
 
 SCHEMES = ("zigzag", "striped", "none")
+DEFAULT_SCHEME = "zigzag"  # attend's (and work_per_device's) scheme unless told otherwise
 
 Tree = Any
 
@@ -126,31 +135,41 @@ def tile_size(chunk: int, scheme: str, block_size: int | None = None) -> int:
     return next(d for d in range(block, 0, -1) if unit % d == 0)
 
 
-def work_per_device(positions: Any, ring_size: int, scheme: str = "zigzag", *,
+def work_per_device(positions: Any, ring_size: int, scheme: str = DEFAULT_SCHEME, *,
                     causal: bool = True, block_size: int | None = None,
                     inputs_reordered: bool = False, window: int | None = None,
-                    chunk_size: int | None = None) -> np.ndarray:
+                    chunk_size: int | None = None, segment_ids: Any = None) -> np.ndarray:
     """Tile pairs each device computes in one ring pass (the backward computes the same ones):
-    int [ring_size], from positions [B, T] or [T] as given to `attend` (same arguments).
+    int [ring_size], from positions [B, T] or [T] and segment_ids [B, T], [T] or None as given
+    to `attend` (same arguments; self-attention: the keys' are the queries').
 
-    A device computes pair (q tile, kv tile) unless `masks.may_see` rules it out from the
-    tiles' position bounds in every batch row. Each device meets every kv chunk once, so the
-    total over devices and the balance (max / mean) follow from the layout alone.
+    A device computes pair (q tile, kv tile) unless, in every batch row, `masks.may_see` rules
+    it out from the tiles' position bounds or their segment-id ranges are disjoint. Each device
+    meets every kv chunk once, so the total over devices and the balance (max / mean) follow
+    from the layout alone.
     """
     mask = masks.Mask(causal, window, chunk_size)
-    positions = np.atleast_2d(np.asarray(positions))
+    positions, segment_ids = (None if x is None else np.atleast_2d(np.asarray(x))
+                              for x in (positions, segment_ids))
+    if segment_ids is not None:
+        positions, segment_ids = np.broadcast_arrays(positions, segment_ids)
     batch, length = positions.shape
     scheme = _scheme(scheme, causal)
     _check_length(length, ring_size, scheme)
     chunk = length // ring_size
     tile = tile_size(chunk, scheme, block_size)
-    if not inputs_reordered:
-        positions = np.asarray(reorder(positions, ring_size, scheme))
-    tiles = positions.reshape(batch, ring_size, chunk // tile, tile)
-    low, high = tiles.min(-1), tiles.max(-1)  # [B, P, n]
+
+    def tiles(x: np.ndarray | None) -> np.ndarray | None:  # [B, T] -> ring order [B, P, n, tile]
+        if x is None:
+            return None
+        if not inputs_reordered:
+            x = np.asarray(reorder(x, ring_size, scheme))
+        return x.reshape(batch, ring_size, chunk // tile, tile)
+
+    bounds = _bounds(tiles(positions), tiles(segment_ids))  # each [B, P, n] (or None)
     # q tiles along [B, P, n, 1, 1], kv tiles along [B, 1, 1, P, n]: seen [B, P, n, P, n]
-    seen = masks.may_see(mask, q_min=low[..., None, None], q_max=high[..., None, None],
-                         kv_min=low[:, None, None], kv_max=high[:, None, None])
+    seen = _may_see(mask, [None if x is None else x[..., None, None] for x in bounds],
+                    [None if x is None else x[:, None, None] for x in bounds])
     if seen is None:
         return np.full(ring_size, ring_size * (chunk // tile) ** 2)
     return seen.any(axis=0).sum(axis=(1, 2, 3))
@@ -173,7 +192,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
            kv_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
            kv_segment_ids: jax.Array | None = None, causal: bool = True,
            scale: float | None = None, rope: rope_lib.RopeConfig | None = None,
-           scheme: str = "zigzag", inputs_reordered: bool = False,
+           scheme: str = DEFAULT_SCHEME, inputs_reordered: bool = False,
            block_size: int | None = None, window: int | None = None,
            chunk_size: int | None = None) -> jax.Array:
     """Self-attention q [B, T, Hq, D], k, v [B, T, Hkv, D] (un-rotated) -> [B, T, Hq, D] in q's
@@ -375,7 +394,7 @@ def _forward_step(cfg: _Config, q_tiles: tuple, stats: online_softmax.Stats, kv:
                 visible = masks.visible(cfg.mask, q_pos, kv_pos, q_seg, kv_seg)
                 return xla.fold_block(tile_stats, q, k, v, visible, cfg.scale)
 
-            return _unless_hidden(cfg, q_pos, kv_pos, fold, tile_stats)
+            return _unless_hidden(cfg, (q_pos, q_seg), (kv_pos, kv_seg), fold, tile_stats)
 
         return _set_tile(stats, i, _repeat(_count(kv), kv_tile, _tile(stats, i)))
 
@@ -401,8 +420,8 @@ def _backward_step(cfg: _Config, q_side: tuple, d_q: jax.Array, kv: tuple
                 dq, dk, dv = _tile_grads(q, k, v, d_out, lse, delta, visible, cfg.scale)
                 return tile_d_q + dq, (d_k + dk, d_v + dv)
 
-            tile_d_q, tile_d_kv = _unless_hidden(cfg, q_pos, kv_pos, grads,
-                                                 (_tile(d_q, i), tile_d_kv))
+            tile_d_q, tile_d_kv = _unless_hidden(cfg, (q_pos, q_seg), (kv_pos, kv_seg),
+                                                 grads, (_tile(d_q, i), tile_d_kv))
             return _set_tile(d_q, i, tile_d_q), tile_d_kv
 
         zeros = _varying(cfg, tuple(jnp.zeros(x.shape, jnp.float32) for x in (k, v)))
@@ -450,15 +469,33 @@ def _varying(cfg: _Config, tree: Tree) -> Tree:
     return lax.pcast(tree, cfg.axes, to="varying")
 
 
-def _unless_hidden(cfg: _Config, q_pos: jax.Array, kv_pos: jax.Array,
+def _unless_hidden(cfg: _Config, q_tokens: tuple, kv_tokens: tuple,
                    fn: Callable[[Tree], Tree], operand: Tree) -> Tree:
-    """fn(operand), skipped (operand unchanged) when `masks.may_see` rules the tile pair out in
-    every batch row, from the tiles' position bounds: q_pos [b, bq], kv_pos [b, bk]."""
-    may_see = masks.may_see(cfg.mask, q_min=q_pos.min(axis=1), q_max=q_pos.max(axis=1),
-                            kv_min=kv_pos.min(axis=1), kv_max=kv_pos.max(axis=1))
+    """fn(operand), skipped (operand unchanged) when `_may_see` rules the tile pair out in every
+    batch row: q_tokens (positions [b, bq], segment ids [b, bq] or None), kv_tokens alike."""
+    may_see = _may_see(cfg.mask, _bounds(*q_tokens, axis=1), _bounds(*kv_tokens, axis=1))
     if may_see is None:
         return fn(operand)
     return lax.cond(jnp.any(may_see), fn, lambda x: x, operand)
+
+
+def _bounds(positions: Any, segment_ids: Any, axis: int = -1) -> tuple:
+    """(min, max position, min, max segment id) of tiles along `axis` (numpy or jax arrays;
+    the segment bounds None without segment ids)."""
+    segments = (None, None) if segment_ids is None else (segment_ids.min(axis),
+                                                         segment_ids.max(axis))
+    return positions.min(axis), positions.max(axis), *segments
+
+
+def _may_see(mask: masks.Mask, q: Sequence[Any], kv: Sequence[Any]) -> Any:
+    """Whether a (q tile, kv tile) pair can hold a visible pair, from their `_bounds`:
+    `masks.may_see`, and with segment ids their [min, max] ranges overlapping (disjoint ranges
+    share no id). None when nothing can be skipped."""
+    seen = masks.may_see(mask, q_min=q[0], q_max=q[1], kv_min=kv[0], kv_max=kv[1])
+    if q[2] is None:
+        return seen
+    overlap = (kv[2] <= q[3]) & (q[2] <= kv[3])
+    return overlap if seen is None else seen & overlap
 
 
 # ----------------------------------------------------------------------------- layout

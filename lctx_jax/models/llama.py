@@ -14,6 +14,13 @@ positions and segment ids likewise, so "ring" attention and GSPMD see one token 
 with a decode state are not constrained: a "sequence" constraint there propagates into
 `generate`'s token buffer, whose scatter XLA's SPMD partitioner (jax 0.10.2) miscompiles, and a
 one-token decode step has nothing to split along "sequence" anyway.
+
+With attention="ring" on a mesh splitting "sequence" (and no decode state) the tokens run in
+ring order (`lctx_jax.attention.ring`): input_ids, positions and segment ids are reordered once
+before the embedding, every layer's ring attention takes them as they are
+(ctx.ring_order), and the final hidden states are restored once before the LM head. Norms and
+the MLP act per token and the mask and RoPE go by position, so the result is unchanged; what
+is saved is the reorder and restore that each layer's attention would do otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lctx_jax import hf_fields as fields, layers, sharding
-from lctx_jax.attention import infini as infini_lib
+from lctx_jax.attention import infini as infini_lib, ring
 from lctx_jax.attention.infini import InfiniConfig
 from lctx_jax.models import Family
 from lctx_jax.rope import RopeConfig
@@ -329,6 +336,14 @@ class Decoder(nn.Module):
                          param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         b, t = input_ids.shape
+        ring_size = _ring_size(self.attention, self.mesh, cache)
+        if ring_size > 1:  # ring order from here to the final norm: see the module doc
+            input_ids, positions, segment_ids = (
+                None if x is None else sharding.constrain(
+                    ring.reorder(x, ring_size, ring.DEFAULT_SCHEME), self.mesh)
+                for x in (input_ids, ctx.positions, ctx.segment_ids))
+            ctx = dataclasses.replace(ctx, positions=positions, segment_ids=segment_ids,
+                                      ring_order=True)
         h = embed(input_ids)
         if self.mesh is None:
             # Tokens are flattened to [B·T, H] between attention calls: XLA's CPU backend runs
@@ -345,8 +360,19 @@ class Decoder(nn.Module):
         h, cache = stack(c, self.dtype, self.param_dtype, self.attention, self.mesh,
                          self.lora_scale, name="layers")(h, cache, ctx)
         h = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h).reshape(b, t, -1)
+        if ring_size > 1:
+            h = sharding.constrain(ring.restore(h, ring_size, ring.DEFAULT_SCHEME), self.mesh,
+                                   None)
         return layers.lm_output(h, embed, c.tie_word_embeddings, self.param_dtype, self.dtype,
                                 self.mesh if cache is None else None, logits), cache
+
+
+def _ring_size(attention: str, mesh: Any, cache: dict | None) -> int:
+    """The devices P of the ring when a decoder call runs its tokens in ring order (attention
+    "ring", a mesh splitting "sequence", no decode state), else 1."""
+    if attention != "ring" or mesh is None or cache is not None:
+        return 1
+    return mesh.shape.get(sharding.SEQUENCE_AXIS, 1)
 
 
 # ----------------------------------------------------------------------------- HF names
