@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -60,3 +61,14 @@ def save_run(args: Any, results: Any) -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2) + "\n")
+
+
+def run_child_env(script: str, *args: str, env: dict[str, str]) -> Any:
+    """`run_child` with extra environment variables; the child's stderr is kept and shown
+    (its last lines) only when it fails."""
+    out = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    if out.returncode:
+        tail = "\n".join(out.stderr.splitlines()[-20:])
+        raise RuntimeError(f"{script} {' '.join(args)[:200]} exited {out.returncode}:\n{tail}")
+    return json.loads(out.stdout.splitlines()[-1])

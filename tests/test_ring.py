@@ -64,9 +64,10 @@ def out_and_grads(fn, q, k, v):
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-def check_against_xla(q, k, v, mesh, *, scheme=None, block_size=BLOCK, **kwargs):
+def check_against_xla(q, k, v, mesh, *, scheme=None, block_size=BLOCK, inner=None, **kwargs):
     """Ring vs xla on the same inputs. scheme None: through attention.attend(impl="ring"),
-    else ring.attend with that scheme. kwargs: causal, rope, positions, segment ids."""
+    else ring.attend with that scheme and inner block. kwargs: causal, rope, positions,
+    segment ids."""
     if scheme is None:
         def ours(q, k, v):
             return attention.attend(q, k, v, impl="ring", mesh=mesh, block_size=block_size,
@@ -77,7 +78,7 @@ def check_against_xla(q, k, v, mesh, *, scheme=None, block_size=BLOCK, **kwargs)
 
         def ours(q, k, v):
             return ring.attend(q, k, v, mesh=mesh, scheme=scheme, block_size=block_size,
-                               **kwargs)
+                               inner=inner, **kwargs)
     out, grads = out_and_grads(ours, q, k, v)
     ref_out, ref_grads = out_and_grads(functools.partial(attention.attend, **kwargs), q, k, v)
     np.testing.assert_allclose(out, ref_out, **VALUE_TOL)
@@ -150,6 +151,35 @@ def test_packed_segments_cross_devices(causal):
                             kv_segment_ids=jnp.asarray(kv_segment_ids),
                             positions=jnp.asarray(positions), causal=causal)
     assert (out[1, 70] == 0).all()
+
+
+@pytest.mark.parametrize("scheme", ["zigzag", "none"])
+def test_flash_inner_block(scheme):
+    """inner="flash" (the Pallas kernels per hop, interpreted here; the default on GPU and TPU
+    meshes) against the xla path, values and gradients: GQA, yarn RoPE, packed documents with a
+    query whose segment id matches no key (zeros), causal over 4 devices with a batch split."""
+    rng = np.random.default_rng(2)
+    segment_ids, positions = packed_documents(rng, rows=2, length=LENGTH, documents=5)
+    kv_segment_ids = segment_ids.copy()
+    segment_ids[0, 33] = 99
+    q, k, v = random_qkv(41, 2, 4, 2)
+    rope = lx.RopeConfig.from_hf({"head_dim": q.shape[-1], "rope_theta": 10000.0,
+                                  "max_position_embeddings": 64,
+                                  "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 32}})
+    out = check_against_xla(q, k, v, make_mesh(data=2, sequence=4), scheme=scheme,
+                            block_size=16, inner="flash", rope=rope,
+                            segment_ids=jnp.asarray(segment_ids),
+                            kv_segment_ids=jnp.asarray(kv_segment_ids),
+                            positions=jnp.asarray(positions))
+    assert (out[0, 33] == 0).all()
+
+
+def test_unknown_inner_block_is_refused():
+    q, k, v = random_qkv(42, 2, 4, 2)
+    with pytest.raises(ValueError, match="inner block 'pallas'"):
+        ring.attend(q, k, v, mesh=make_mesh(data=2, sequence=4), positions=jnp.arange(LENGTH),
+                    inner="pallas")
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, sequence=4), dict(fsdp=2, sequence=4),

@@ -65,8 +65,15 @@ the "xla" path; the arrays each pass sends (P − 1 kv hops forward; P − 1 kv 
 backward); that the tiles computed per device equal `work_per_device`; that `reorder` compiles
 to chunk-sized collectives, no all-gather; that a ring LLaMA equals an "xla" one and its
 compiled forward has no reorder collective left in its layer loop. Not verified: that GPU/TPU
-schedulers do overlap the ppermutes, speed, memory at scale. The inner block is XLA's tile
-math, not the Pallas kernels.
+schedulers do overlap the ppermutes, speed, memory at scale.
+
+Inner block. On GPU and TPU meshes each hop runs the Pallas kernels of ./flash.py on the
+visiting chunk (`inner="flash"`: `flash.chunk_forward` gives the chunk's normalised out and
+lse, merged by logsumexp; the backward runs flash's dq and dk, dv kernels with the global lse
+and δ), so no f32 score tile goes through HBM; their block skipping by position ranges skips
+invisible blocks within a hop. On CPU the default is this module's XLA tiles (`inner="xla"`),
+since Pallas only interprets there; tests/test_ring.py checks the kernel path interpreted on
+8 simulated devices against the xla path.
 """
 
 from __future__ import annotations
@@ -84,9 +91,10 @@ from jax.sharding import PartitionSpec
 
 from lctx_jax import rope as rope_lib
 from lctx_jax import sharding
-from lctx_jax.attention import masks, online_softmax, xla
+from lctx_jax.attention import flash, masks, online_softmax, xla
 
 SCHEMES = ("zigzag", "striped", "none")
+INNER = ("xla", "flash")
 DEFAULT_SCHEME = "zigzag"  # attend's (and work_per_device's) scheme unless told otherwise
 
 Tree = Any
@@ -186,6 +194,9 @@ class _Config:
     ring_size: int
     tile: int
     axes: tuple[str, ...]  # the mesh axes q, k, v are split over (they vary along them)
+    inner: str = "xla"     # per-hop block: "xla" tiles, or "flash" (Pallas kernels)
+    backend: str = "cpu"   # the mesh's platform, for inner="flash"
+    block_size: int | None = None  # inner="flash": its blocks (None: its default)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: jax.Array,
@@ -194,7 +205,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
            scale: float | None = None, rope: rope_lib.RopeConfig | None = None,
            scheme: str = DEFAULT_SCHEME, inputs_reordered: bool = False,
            block_size: int | None = None, window: int | None = None,
-           chunk_size: int | None = None) -> jax.Array:
+           chunk_size: int | None = None, inner: str | None = None) -> jax.Array:
     """Self-attention q [B, T, Hq, D], k, v [B, T, Hkv, D] (un-rotated) -> [B, T, Hq, D] in q's
     dtype, T split over mesh axis "sequence" (P devices; T % P == 0, T % 2P == 0 for zigzag).
 
@@ -203,7 +214,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
     positions. causal, window, chunk_size: the mask (./masks.py). scheme: "zigzag" |
     "striped" | "none", the causal load balancing (ignored when not causal). inputs_reordered:
     all of q, k, v, positions and segment ids are already in `reorder(·, P, scheme)` order, and
-    the output is returned in that order. block_size: the largest tile (see `tile_size`).
+    the output is returned in that order. block_size: the largest tile (see `tile_size`; with
+    inner="flash" the kernels' block). inner: the per-hop block, "flash" (the Pallas kernels of
+    ./flash.py, `chunk_forward` / `chunk_backward`; default on GPU and TPU meshes) or "xla"
+    (this module's tiles; default on CPU, where Pallas only interprets).
     """
     ring_size = _ring_size(mesh)
     batch, length, q_heads, head_dim = q.shape
@@ -227,9 +241,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     axes = (*batch_axes, sharding.SEQUENCE_AXIS) + ((head_axis,) if head_axis else ())
+    backend = mesh.devices.flat[0].platform
+    inner = inner or ("xla" if backend == "cpu" else "flash")
+    if inner not in INNER:
+        raise ValueError(f"ring inner block {inner!r} is unknown; use one of "
+                         f"{', '.join(map(repr, INNER))}")
     cfg = _Config(mask=masks.Mask(causal, window, chunk_size), scale=float(scale),
                   ring_size=ring_size, tile=tile_size(length // ring_size, scheme, block_size),
-                  axes=axes)
+                  axes=axes, inner=inner, backend=backend, block_size=block_size)
     run = _compiled(cfg, rope, mesh, batch_axes, head_axis,
                     None if inputs_reordered else scheme)
     return run(q, k, v, positions, kv_positions, segment_ids, kv_segment_ids)
@@ -247,8 +266,9 @@ def _compiled(cfg: _Config, rope: rope_lib.RopeConfig | None, mesh: Any,
     rows = PartitionSpec(batch_spec, sharding.SEQUENCE_AXIS)
     local = functools.partial(_local_attention, cfg, rope,
                               (*batch_axes, sharding.SEQUENCE_AXIS))
+    # Pallas calls carry no varying-axes types: the kernel inner block runs unchecked.
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(heads,) * 3 + (rows,) * 4,
-                            out_specs=heads)
+                            out_specs=heads, check_vma=cfg.inner == "xla")
 
     def run(*arrays: jax.Array | None) -> jax.Array:
         if scheme is None:
@@ -286,6 +306,9 @@ def _ring_attention(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array,
 def _ring_forward(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                   kv_positions: jax.Array, segment_ids: jax.Array | None,
                   kv_segment_ids: jax.Array | None) -> tuple[jax.Array, tuple]:
+    if cfg.inner == "flash":
+        return _kernel_forward(cfg, q, k, v, positions, kv_positions, segment_ids,
+                               kv_segment_ids)
     q_tiles = _q_tiles(cfg, q, k.shape[2], positions, segment_ids)
     step = functools.partial(_forward_step, cfg, q_tiles)
     n, b, bq, kv_heads, groups, _ = q_tiles[0].shape
@@ -297,6 +320,8 @@ def _ring_forward(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array, positi
 
 
 def _ring_backward(cfg: _Config, residuals: tuple, d_out: jax.Array) -> tuple:
+    if cfg.inner == "flash":
+        return _kernel_backward(cfg, residuals, d_out)
     q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse = residuals
     kv_heads = k.shape[2]
     q_tiles = _q_tiles(cfg, q, kv_heads, positions, segment_ids)
@@ -312,6 +337,59 @@ def _ring_backward(cfg: _Config, residuals: tuple, d_out: jax.Array) -> tuple:
 
 
 _ring_attention.defvjp(_ring_forward, _ring_backward)
+
+
+def _chunk_args(cfg: _Config, positions: jax.Array, segment_ids: jax.Array | None,
+                kv: tuple) -> dict:
+    """`flash.chunk_forward` / `chunk_backward`'s keywords for the visiting chunk kv."""
+    return dict(positions=positions, kv_positions=kv[2], segment_ids=segment_ids,
+                kv_segment_ids=kv[3], mask=cfg.mask, scale=cfg.scale,
+                block_size=cfg.block_size, backend=cfg.backend)
+
+
+def _kernel_forward(cfg: _Config, q: jax.Array, k: jax.Array, v: jax.Array,
+                    positions: jax.Array, kv_positions: jax.Array,
+                    segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None
+                    ) -> tuple[jax.Array, tuple]:
+    """inner="flash": each visiting chunk through `flash.chunk_forward` (out f32 [b, T/P, Hq, D]
+    over the chunk, lse [b, T/P, Hq]), merged by logsumexp:
+        lse' = log(e^lse + e^lse_c),   out' = out·e^(lse − lse') + out_c·e^(lse_c − lse')
+    (a chunk with no visible key has lse_c = +inf there: weight 0)."""
+    def step(stats: tuple, kv: tuple) -> tuple:
+        out, lse = stats
+        part, part_lse = flash.chunk_forward(q, kv[0], kv[1],
+                                             **_chunk_args(cfg, positions, segment_ids, kv))
+        part_lse = jnp.where(jnp.isinf(part_lse), -jnp.inf, part_lse)
+        merged = jnp.logaddexp(lse, part_lse)
+        safe = jnp.where(jnp.isneginf(merged), 0.0, merged)
+        out = (out * jnp.exp(lse - safe)[..., None]
+               + part * jnp.exp(part_lse - safe)[..., None])
+        return out, merged
+
+    init = _varying(cfg, (jnp.zeros(q.shape, jnp.float32),
+                          jnp.full(q.shape[:3], -jnp.inf, jnp.float32)))
+    out, lse = _forward_hops(cfg, step, init, (k, v, kv_positions, kv_segment_ids))
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # no visible key: p = e^(s − lse) = 0
+    out = out.astype(q.dtype)
+    return out, (q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse)
+
+
+def _kernel_backward(cfg: _Config, residuals: tuple, d_out: jax.Array) -> tuple:
+    """inner="flash": `flash.chunk_backward` per visiting chunk with the global lse and
+    δ = rowsum(dout ⊙ out); dq sums on the device, each chunk's dK, dV follow it round the
+    ring (`_backward_hops`)."""
+    q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse = residuals
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def step(d_q: jax.Array, kv: tuple) -> tuple:
+        dq, dk, dv = flash.chunk_backward(q, kv[0], kv[1], d_out, lse, delta,
+                                          **_chunk_args(cfg, positions, segment_ids, kv))
+        return d_q + dq, (dk, dv)
+
+    d_q = _varying(cfg, jnp.zeros(q.shape, jnp.float32))
+    d_q, (d_k, d_v) = _backward_hops(cfg, step, d_q, (k, v, kv_positions, kv_segment_ids))
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype),
+            None, None, None, None)
 
 
 def _pass_on(cfg: _Config, tree: Tree) -> Tree:
