@@ -34,8 +34,8 @@ REMAT_POLICIES = {
 class Context:
     """Per-call inputs every layer sees: positions and segments of the queries and of the keys
     a layer's decode state holds, where this call's keys are written, optionally a rotation
-    replacing the config's rope (runtime arrays: no recompile per value), and whether the
-    tokens are in ring order (static)."""
+    replacing the config's rope (runtime arrays: no recompile per value), whether the tokens
+    are in ring order and the attention's block size (static)."""
 
     positions: jax.Array  # [B, T]
     segment_ids: jax.Array | None  # [B, T]
@@ -44,11 +44,12 @@ class Context:
     cache_index: jax.Array | None  # scalar: the state slot of this call's first token
     rope: RopeArrays | None = None  # None: the config's rope
     ring_order: bool = False  # tokens in `ring.reorder` order: impl "ring" skips its own
+    block_size: int | None = None  # the attention's block (None: the kernel's default)
 
 
 jax.tree_util.register_dataclass(
     Context, data_fields=["positions", "segment_ids", "kv_positions", "kv_segment_ids",
-                          "cache_index", "rope"], meta_fields=["ring_order"])
+                          "cache_index", "rope"], meta_fields=["ring_order", "block_size"])
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:
@@ -166,7 +167,7 @@ def self_attention(dense: Dense, x: jax.Array, ctx: Context, cache: dict | None,
                  segment_ids=ctx.segment_ids, rope=rope,
                  positions=ctx.positions, mesh=mesh, kv_positions=ctx.kv_positions,
                  kv_segment_ids=ctx.kv_segment_ids, window=window,
-                 inputs_reordered=ctx.ring_order)
+                 inputs_reordered=ctx.ring_order, block_size=ctx.block_size)
     return dense(x.shape[-1], "o", o_bias)(out.reshape(*x.shape[:-1], -1)), cache
 
 

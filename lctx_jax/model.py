@@ -41,6 +41,9 @@ class ModelSpec:
     mesh: a Mesh from `lctx_jax.make_mesh`, or None: parameters are placed by the family's
     sharding rules (`param_shardings`), activations split over batch and sequence.
     lora: a LoraConfig when `apply(..., adapters=)` is given LoRA adapters (training).
+    attention_block_size: the attention's block (flash: q and kv blocks; splash: its blocks;
+    ring: its largest tile; xla: forces the blockwise path with this block), or None for each
+    kernel's default per backend (flash: 512 on TPU, 64 on GPU).
     """
 
     config: Any
@@ -49,6 +52,7 @@ class ModelSpec:
     remat: str = "none"
     mesh: Any = None
     lora: LoraConfig | None = None
+    attention_block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.attention is None:
@@ -56,6 +60,11 @@ class ModelSpec:
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"remat must be one of {list(layers.REMAT_POLICIES)}, got "
                              f"{self.remat!r}")
+        block = self.attention_block_size
+        if block is not None and (not isinstance(block, (int, np.integer))
+                                  or isinstance(block, bool) or block < 1):
+            raise ValueError(f"attention_block_size must be a positive int or None (each "
+                             f"kernel's default), got {block!r}")
         infini = getattr(self.config, "infini", None)
         if (self.attention == INFINI) != (infini is not None):
             raise ValueError(
@@ -212,7 +221,8 @@ class ModelSpec:
             params = jax.lax.with_sharding_constraint(params, self.shardings_of(params))
         if positions is None:
             positions = layers.default_positions(input_ids)
-        ctx = layers.Context(positions, segment_ids, None, None, None, rope)
+        ctx = layers.Context(positions, segment_ids, None, None, None, rope,
+                             block_size=self.attention_block_size)
         variables = {"params": params} if adapters is None else {"params": params,
                                                                  "lora": adapters}
         param_dtype = jax.tree.leaves(params)[0].dtype
@@ -240,8 +250,9 @@ class Model:
 
     def __init__(self, config: Any, params: Any, dtype: Any = jnp.float32,
                  attention: str | None = None, remat: str = "none", mesh: Any = None,
-                 lora: LoraConfig | None = None) -> None:
-        self.spec = ModelSpec(config, dtype, attention, remat, mesh, lora)
+                 lora: LoraConfig | None = None, attention_block_size: int | None = None
+                 ) -> None:
+        self.spec = ModelSpec(config, dtype, attention, remat, mesh, lora, attention_block_size)
         self.params = params
 
     @classmethod
@@ -268,6 +279,7 @@ class Model:
     remat = property(lambda self: self.spec.remat)
     mesh = property(lambda self: self.spec.mesh)
     lora = property(lambda self: self.spec.lora)
+    attention_block_size = property(lambda self: self.spec.attention_block_size)
     family = property(lambda self: self.spec.family)
 
     @property

@@ -64,7 +64,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE = ("stop", "skip")
 STAGE_FIELDS = ("name", "seq_len", "batch_size", "steps", "lr", "warmup_steps", "schedule",
-                "rope_scaling", "attention", "grad_accum", "min_doc_tokens", "infini", "task")
+                "rope_scaling", "attention", "grad_accum", "min_doc_tokens", "infini", "task",
+                "attention_block_size")
 TASKS = ("text", "passkey-prose", "passkey-python")
 ATTENTION = (*IMPLEMENTATIONS, INFINI)
 
@@ -123,7 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
 def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
           warmup_steps: Any = 0, schedule: str = "constant", rope_scaling: Any = None,
           attention: str = "xla", grad_accum: Any = 1, min_doc_tokens: Any = 0,
-          infini: Any = None, task: str = "text") -> ml_collections.ConfigDict:
+          infini: Any = None, task: str = "text", attention_block_size: Any = None
+          ) -> ml_collections.ConfigDict:
     """One training stage. Values may be `config.get_ref(...)` references, so a top-level
     field (e.g. `--config.pretrain_steps=50`) can drive a stage from the command line.
 
@@ -138,6 +140,8 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     prompts in that style with the loss on the answer only, `lctx_jax.evaluation.
     PasskeyBatches`: the Infini-attention paper's fine-tune); there min_doc_tokens > 0 draws
     prompt lengths from [min_doc_tokens, seq_len] instead of filling every row.
+    attention_block_size: the attention's block (`ModelSpec.attention_block_size`), None for
+    each kernel's default per backend.
     """
     out = ml_collections.ConfigDict()
     out.name = name
@@ -153,6 +157,7 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     out.min_doc_tokens = min_doc_tokens
     out.infini = infini
     out.task = task
+    out.attention_block_size = attention_block_size
     return out
 
 
@@ -335,6 +340,11 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> Non
         raise ConfigError(f"{field}.attention={s.attention!r}; use one of {ATTENTION}")
     if s.task not in TASKS:
         raise ConfigError(f"{field}.task={s.task!r}; use one of {TASKS}")
+    block = s.get("attention_block_size")
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool)
+                              or block < 1):
+        raise ConfigError(f"{field}.attention_block_size={block!r} must be an int >= 1, or "
+                          "None for each kernel's default per backend")
     if s.infini is not None and s.attention != INFINI:
         raise ConfigError(f"{field}.infini is set but {field}.attention={s.attention!r}; use "
                           "attention='infini' with it")

@@ -502,7 +502,8 @@ def plan_stage(config: ml_collections.ConfigDict, index: int, model_config: Any,
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), param_shapes)
     lora = lora_config(config)
     model = ModelSpec(model_config, dtype=jnp.dtype(config.dtype), attention=stage.attention,
-                      remat=config.remat, mesh=mesh, lora=lora)
+                      remat=config.remat, mesh=mesh, lora=lora,
+                      attention_block_size=stage.get("attention_block_size"))
     eval_model = dataclasses.replace(model, attention="xla" if stage.attention == "s2"
                                      else stage.attention, remat="none")
     mask = lora_lib.trainable_mask(shapes, lora)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -296,3 +297,21 @@ def test_flash_attention_model_equals_xla(family, tmp_path):
     g_xla, g_flash = jax.grad(loss)(xla.params, xla), jax.grad(loss)(flash.params, flash)
     for a, b in zip(jax.tree_util.tree_leaves(g_flash), jax.tree_util.tree_leaves(g_xla)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_block_size_reaches_the_kernel(tmp_path):
+    """ModelSpec.attention_block_size is the flash kernel's block: 150 tokens in blocks of 32
+    make a grid of 5 q blocks (the default, 128 on CPU, makes 2), with the same logits; a bad
+    value is refused by name."""
+    make_hf("llama-yarn", tmp_path)
+    xla = lx.from_hf(tmp_path)
+    ids = jnp.asarray(random_ids(1, 150))
+    for block, q_blocks in ((32, 5), (None, 2)):
+        model = xla.replace(attention="flash", attention_block_size=block)
+        grids = re.findall(r"grid=\((\d+), (\d+), (\d+), (\d+)\)",
+                           str(jax.make_jaxpr(model.apply)(model.params, ids)))
+        assert grids and {int(g[2]) for g in grids} == {q_blocks}, grids
+        np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(xla(ids)), atol=3e-5,
+                                   rtol=0)
+    with pytest.raises(ValueError, match="attention_block_size must be a positive int"):
+        xla.replace(attention_block_size=0)

@@ -75,6 +75,7 @@ def _bad(c, **stage_fields):
     (lambda c: _bad(c, grad_accum=3), "batch_size"),
     (lambda c: _bad(c, warmup_steps=50), "warmup_steps"),
     (lambda c: _bad(c, schedule="exp"), "schedule"),
+    (lambda c: _bad(c, attention_block_size=0), "attention_block_size"),
     (lambda c: _bad(c, rope_scaling="missing.json"), "rope_scaling"),
     (lambda c: setattr(c, "stages", []), "stages"),
     (lambda c: setattr(c, "dtype", "float8"), "dtype"),
