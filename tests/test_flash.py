@@ -140,15 +140,16 @@ def test_without_rope_through_attend():
     np.testing.assert_allclose(out, ref, **VALUE_TOL)
 
 
-@pytest.mark.parametrize("driver", ["grid", "loop"])
-def test_packed_documents(driver):
+@pytest.mark.parametrize("driver, block", [("grid", 64), ("loop", 64), ("grid", 256)])
+def test_packed_documents(driver, block):
     """Rows of 8 documents of random lengths; positions restart at 0 in each document, so
-    causal block skipping by position must not skip blocks of later documents."""
+    causal block skipping by position must not skip blocks of later documents. Blocks of 256
+    widen the grid driver's 128-lane query positions and segment ids by whole registers."""
     rng = np.random.default_rng(1)
     q, k, v = random_qkv(1, 2, 260, 260, 4, 2)
     segment_ids, positions = packed_documents(rng, rows=2, length=260, documents=8)
     compare(q, k, v, rope=rope_config("yarn"), segment_ids=jnp.asarray(segment_ids),
-            positions=jnp.asarray(positions), driver=driver)
+            positions=jnp.asarray(positions), driver=driver, block_size=block)
 
 
 @pytest.mark.parametrize("q_len, driver", [(1, "grid"), (7, "grid"), (7, "loop")])

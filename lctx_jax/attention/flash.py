@@ -484,10 +484,18 @@ def _unrotated(cfg: _Config, grads: tuple[jax.Array, ...], cos_ref, sin_ref
                   cfg.backend)
 
 
-def _column(ref, *lead) -> jax.Array:
-    """Query positions or segment ids as a column [bq, 1] (their layout: [.., bq, lanes])."""
+def _column(cfg: _Config, ref, *lead) -> jax.Array:
+    """Query positions or segment ids against a kv block: their blocks [bq, lanes] hold each
+    query's value in every lane (grid driver: 128 lanes), so [bq, bk] is a copy of whole
+    vector registers (`jnp.tile`, as JAX's splash kernel does) when bk is a multiple of 128, a lane slice when bk <= 128;
+    otherwise (and on the loop driver, 1 lane) a column [bq, 1] that the mask broadcasts."""
     values = ref[(*lead, slice(None))] if lead else ref[...]
-    return values[:, :1]
+    lanes, width = values.shape[-1], cfg.block_k
+    if lanes == 1 or width % lanes and width > lanes:
+        return values[:, :1]
+    if width <= lanes:
+        return values[:, :width]
+    return jnp.tile(values, (1, width // lanes))
 
 
 def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start) -> jax.Array:
@@ -555,16 +563,16 @@ def _dkv_step(cfg, k_rot, v, kv_pos, kv_seg, kv_start, q_rot, q_pos, q_seg, d_ou
 class _Refs:
     """Kernel refs by name (inputs, outputs and scratch vary with segments/rope)."""
 
-    def __init__(self, names, refs):
+    def __init__(self, cfg, names, refs):
         assert len(names) == len(refs), (names, len(refs))
         self.__dict__.update(zip(names, refs))
-        self.names = names
+        self.names, self.cfg = names, cfg
 
     def ref(self, name):
         return getattr(self, name) if name in self.names else None
 
     def column(self, name, *lead):
-        return _column(getattr(self, name), *lead) if name in self.names else None
+        return _column(self.cfg, getattr(self, name), *lead) if name in self.names else None
 
     def row(self, name, index=None):
         """Key positions or segment ids as a row [1, bk] (their layout: [1, S]): the whole
@@ -576,7 +584,7 @@ class _Refs:
 
 
 def _fwd_kernel(*refs, cfg: _Config, names):
-    r = _Refs(names, refs)
+    r = _Refs(cfg, names, refs)
     b, i = pl.program_id(0), pl.program_id(2)
     lo, hi = r.lo[b, i], r.hi[b, i]
     if cfg.driver == "grid":
@@ -616,7 +624,7 @@ def _fwd_kernel(*refs, cfg: _Config, names):
 
 
 def _dq_kernel(*refs, cfg: _Config, names):
-    r = _Refs(names, refs)
+    r = _Refs(cfg, names, refs)
     b, i = pl.program_id(0), pl.program_id(2)
     lo, hi = r.lo[b, i], r.hi[b, i]
     if cfg.driver == "grid":
@@ -656,7 +664,7 @@ def _dq_kernel(*refs, cfg: _Config, names):
 
 
 def _dkv_kernel(*refs, cfg: _Config, names):
-    r = _Refs(names, refs)
+    r = _Refs(cfg, names, refs)
     b, j = pl.program_id(0), pl.program_id(2)
     lo, hi = r.lo[b, j], r.hi[b, j]
     kv_start = j * cfg.block_k
@@ -871,9 +879,10 @@ def _backward_dq(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, del
 
 def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, delta,
                   dtype=None):
-    """dk, dv in `dtype` (default k's, v's): one kv block of one key/value head per program, reducing over the G query heads
-    of its group and the q blocks in its range (grid: along the last two grid axes, fetching
-    only q blocks in range; loop: a loop over both in the kernel)."""
+    """dk, dv in `dtype` (default k's, v's): one kv block of one key/value head per program,
+    reducing over the G query heads of its group and the q blocks in its range (grid: along the
+    last two grid axes, fetching only q blocks in range; loop: a loop over both in the
+    kernel)."""
     batch, kv_heads, s_pad, qk_dim = k.shape
     v_dim, t_pad = v.shape[-1], q.shape[2]
     g, bq, bk = cfg.groups, cfg.block_q, cfg.block_k
