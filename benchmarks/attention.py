@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,7 +115,11 @@ def main() -> None:
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--paths", default=None, help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="rows as JSON lines, each written (and "
+                        "flushed) as soon as its measurements end")
+    parser.add_argument("--child-timeout", type=float, default=None,
+                        help="seconds for one (path, T, D) measurement; past it the row says "
+                        "'timeout' and the run goes on")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "T", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -127,6 +132,8 @@ def main() -> None:
     paths = args.paths.split(",") if args.paths else [
         p for p in PATHS if jax.default_backend() in ONLY_ON.get(p, (jax.default_backend(),))]
     rows = []
+    if args.json:
+        args.json.write_text("")
     for head_dim in map(int, args.head_dims.split(",")):
         for length in map(int, args.lengths.split(",")):
             row = {"T": length, "D": head_dim}
@@ -134,11 +141,18 @@ def main() -> None:
                 print(f"D={head_dim} T={length} {path}", file=sys.stderr, flush=True)
                 try:
                     row[path] = run_child(__file__, "--repeats", str(args.repeats),
-                                          "--one", path, str(length), str(head_dim))
+                                          "--one", path, str(length), str(head_dim),
+                                          timeout=args.child_timeout)
+                except subprocess.TimeoutExpired:
+                    row[path] = {"error": f"timeout ({args.child_timeout:.0f} s)"}
                 except Exception as err:  # out of memory at long T, reported as such
-                    row[path] = {"error": str(err).splitlines()[0][:80]}
+                    row[path] = {"error": str(err).splitlines()[-1][:80]}
             rows.append(row)
-    device = next(r[p]["backend"] for r in rows for p in paths if "backend" in r[p])
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    device = next((r[p]["backend"] for r in rows for p in paths if "backend" in r[p]),
+                  "no measurement finished")
     print(f"Device: {device} | CPU: {cpu_model()} | B={BATCH}, Hq={HEADS[0]}, Hkv={HEADS[1]}, "
           f"causal, yarn RoPE, {'f32' if on_cpu else 'bf16'}")
     print("\n| D | T | mode | " + " | ".join(f"{p} ms | {p} TFLOP/s | {p} MiB" for p in paths)
@@ -161,8 +175,6 @@ def main() -> None:
                     ratios.append(f"{ref / t:.2f}x" if ref else "")
             print(f"| {row['D']} | {row['T']} | {mode} | " + " | ".join(cells) + " | "
                   + " | ".join(ratios) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -43,11 +43,18 @@ def timed(call: Callable[[], Any], repeats: int) -> dict[str, Any]:
             "peak_mib": peak_rss_mib() - baseline, "baseline_mib": baseline}
 
 
-def run_child(script: str, *args: str) -> Any:
-    """Runs `python script args` in a fresh process; returns the JSON it prints last."""
-    out = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True,
-                         check=True).stdout
-    return json.loads(out.splitlines()[-1])
+def run_child(script: str, *args: str, env: dict[str, str] | None = None,
+              timeout: float | None = None) -> Any:
+    """Runs `python script args` in a fresh process, with extra environment variables `env`,
+    killed after `timeout` seconds (subprocess.TimeoutExpired); returns the JSON it prints
+    last. The child's stderr is kept and shown (its last lines) only when it fails."""
+    out = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                         timeout=timeout)
+    if out.returncode:
+        tail = "\n".join(out.stderr.splitlines()[-20:])
+        raise RuntimeError(f"{script} {' '.join(args)[:200]} exited {out.returncode}:\n{tail}")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def cpu_model() -> str:
@@ -61,14 +68,3 @@ def save_run(args: Any, results: Any) -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2) + "\n")
-
-
-def run_child_env(script: str, *args: str, env: dict[str, str]) -> Any:
-    """`run_child` with extra environment variables; the child's stderr is kept and shown
-    (its last lines) only when it fails."""
-    out = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    if out.returncode:
-        tail = "\n".join(out.stderr.splitlines()[-20:])
-        raise RuntimeError(f"{script} {' '.join(args)[:200]} exited {out.returncode}:\n{tail}")
-    return json.loads(out.stdout.splitlines()[-1])

@@ -4,8 +4,8 @@ on this backend against attend(impl="xla") on the same device, values and gradie
 Impls: "flash" (the fused-RoPE Pallas kernel, default driver), "splash" (TPU), "cudnn" (GPU).
 Cases: B=2, T=512 (and T=1000, which no block divides), Hq=8, Hkv=2, D=64 and 128, causal,
 packed documents (segment ids, positions restarting per document), yarn RoPE; f32 (tolerance
-2e-3: the accelerator's matrix unit may run f32 dots at reduced precision) and bf16 (5e-2 of
-the largest magnitude). Prints one line per case, then "device check: N passed, M failed" and
+2e-3, every dot at "highest" precision so the reference is not a bf16 pass of the matrix
+unit) and bf16 (5e-2 of the largest magnitude; cudnn: bf16 only). Prints one line per case, then "device check: N passed, M failed" and
 exits 1 if any failed. On CPU the kernels would run interpreted: use tests/ there instead.
 
 Run:  python benchmarks/device_check.py
@@ -14,6 +14,7 @@ Run:  python benchmarks/device_check.py
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,11 @@ import numpy as np
 import lctx_jax as lx
 
 IMPLS = {"gpu": ("flash", "cudnn"), "tpu": ("flash", "splash")}
+DTYPES = {"cudnn": (jnp.bfloat16,)}  # cuDNN's fused attention takes no f32; others: both
 TOLERANCE = {jnp.float32: 2e-3, jnp.bfloat16: 5e-2}
 
 
-def case(impl: str, length: int, head_dim: int, dtype, packed: bool) -> float:
+def case(impl: str, length: int, head_dim: int, dtype: Any, packed: bool) -> float:
     """max |impl − xla| / max |xla| over out, dq, dk, dv."""
     rope = lx.RopeConfig.from_hf({
         "head_dim": head_dim, "rope_theta": 10000.0, "max_position_embeddings": 256,
@@ -51,7 +53,8 @@ def case(impl: str, length: int, head_dim: int, dtype, packed: bool) -> float:
             results.append((out, *vjp(cotangent)))
         return results
 
-    ours, reference = run(q, k, v, cotangent)
+    with jax.default_matmul_precision("highest"):
+        ours, reference = run(q, k, v, cotangent)
     return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                      / jnp.max(jnp.abs(b.astype(jnp.float32))))
                for a, b in zip(ours, reference))
@@ -66,7 +69,7 @@ def main() -> int:
     for impl in IMPLS[backend]:
         for length in (512, 1000):
             for head_dim in (64, 128):
-                for dtype in (jnp.float32, jnp.bfloat16):
+                for dtype in DTYPES.get(impl, (jnp.float32, jnp.bfloat16)):
                     for packed in (False, True):
                         label = (f"{impl:6s} T={length:4d} D={head_dim:3d} "
                                  f"{np.dtype(dtype).name:8s} {'packed' if packed else 'plain '}")

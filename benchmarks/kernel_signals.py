@@ -98,7 +98,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import run_child_env, save_run  # noqa: E402
+from common import run_child, save_run  # noqa: E402
 
 BASELINE = "jax_flash"
 IMPLS = (BASELINE, "splash", "lctx", "lctx_norope")
@@ -701,7 +701,7 @@ def gpu_measure(cases: list[Case], triton_python: str) -> tuple[list[dict[str, A
     process on CPU), PTX for sm_90 by the Triton of `triton_python`, ptxas -v."""
     root = tempfile.mkdtemp(prefix="kernel_signals_gpu_")
     try:
-        kernels = run_child_env(__file__, "--gpu-child", json.dumps(
+        kernels = run_child(__file__, "--gpu-child", json.dumps(
             [dataclasses.asdict(c) for c in cases]), root, env={"JAX_PLATFORMS": "cpu"})
         run = subprocess.run([triton_python, "-c", _TRITON_SCRIPT, json.dumps(kernels)],
                              capture_output=True, text=True, check=False)
@@ -753,7 +753,7 @@ def measure(cases: list[Case]) -> list[dict[str, Any]]:
             env = {"LIBTPU_INIT_ARGS": LIBTPU_FLAGS.format(llo=llo, mosaic=mosaic),
                    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "KERNEL_SIGNALS_LLO": llo,
                    "KERNEL_SIGNALS_MOSAIC": mosaic}
-            rows += run_child_env(__file__, "--child", json.dumps(dataclasses.asdict(case)),
+            rows += run_child(__file__, "--child", json.dumps(dataclasses.asdict(case)),
                                   env=env)
         finally:
             shutil.rmtree(root, ignore_errors=True)

@@ -65,6 +65,9 @@ class ModelSpec:
                                   or isinstance(block, bool) or block < 1):
             raise ValueError(f"attention_block_size must be a positive int or None (each "
                              f"kernel's default), got {block!r}")
+        if block is not None and self.attention == "cudnn":
+            raise ValueError("attention='cudnn' picks its own tiles: leave "
+                             "attention_block_size None")
         infini = getattr(self.config, "infini", None)
         if (self.attention == INFINI) != (infini is not None):
             raise ValueError(

@@ -315,3 +315,5 @@ def test_attention_block_size_reaches_the_kernel(tmp_path):
                                    rtol=0)
     with pytest.raises(ValueError, match="attention_block_size must be a positive int"):
         xla.replace(attention_block_size=0)
+    with pytest.raises(ValueError, match="cudnn' picks its own tiles"):
+        xla.replace(attention="cudnn", attention_block_size=64)

@@ -155,9 +155,9 @@ def test_packed_segments_cross_devices(causal):
 
 @pytest.mark.parametrize("scheme", ["zigzag", "none"])
 def test_flash_inner_block(scheme):
-    """inner="flash" (the Pallas kernels per hop, interpreted here; the default on GPU and TPU
-    meshes) against the xla path, values and gradients: GQA, yarn RoPE, packed documents with a
-    query whose segment id matches no key (zeros), causal over 4 devices with a batch split."""
+    """inner="flash" (the Pallas kernels per hop, interpreted here) against the xla path,
+    values and gradients: GQA, yarn RoPE, packed documents with a query whose segment id
+    matches no key (zeros), causal over 4 devices with a batch split."""
     rng = np.random.default_rng(2)
     segment_ids, positions = packed_documents(rng, rows=2, length=LENGTH, documents=5)
     kv_segment_ids = segment_ids.copy()

@@ -43,14 +43,16 @@ the mask. Lengths the blocks do not divide are padded: padded keys are masked by
 queries dropped. Two drivers run the same block math (`_fwd_step`, `_dq_step`, `_dkv_step`):
   "grid" (TPU; default in interpret mode): grid (B, Hq, T/bq, S/bk) with the kv axis
          innermost and sequential; running max m, denominator l, accumulator and the rotated q
-         block live in VMEM scratch; dk, dv on grid (B, Hkv, S/bk, G, T/bq), reducing over the
-         G query heads of the group and the q blocks. The ranges are scalar-prefetched
-         (`PrefetchScalarGridSpec`, SMEM), and the kv (for dk, dv: q) index maps clamp the
-         grid index into the range: a step outside it repeats the neighbouring block index,
-         so Pallas fetches nothing for it, and `pl.when` skips its compute. Query positions and
-         segment ids come as [bq, 128] blocks (broadcast over a vector register's lanes, as
-         JAX's splash kernel passes segment ids), keys' as [1, bk] rows: the mask is a column
-         against a row, with no lane-to-sublane relayout.
+         block live in VMEM scratch; dk, dv on grid (B, Hkv, S/bk, T/bq, G), reducing over the
+         q blocks and the G query heads of the group (heads innermost, so the query side's
+         positions and tables are fetched once per q block, not once per head). The ranges
+         are scalar-prefetched (`PrefetchScalarGridSpec`, SMEM), and the kv (for dk, dv: q)
+         index maps clamp the grid index into the range: a step outside it repeats the
+         neighbouring block index, so Pallas fetches nothing for it, and `pl.when` skips its
+         compute. Query positions and segment ids come as [bq, 128] blocks (broadcast over a
+         vector register's lanes, as JAX's splash kernel passes segment ids), widened to
+         [bq, bk] by whole registers (`jnp.tile`), keys' as [1, bk] rows: no lane-to-sublane
+         relayout.
   "loop" (GPU, Triton): grid (B, Hq, T/bq) (dk, dv: (B, Hkv, S/bk)), a `fori_loop` over the
          range of the other sequence's blocks, m, l, accumulator as loop carries; refs to whole
          rows; no `lax.cond` (the loads of a step are unconditional, so Triton can pipeline
@@ -75,8 +77,9 @@ of two >= 32 (halves >= 16 for Triton's dots), blocks powers of two >= 16.
 Verified in interpret mode on CPU: every numeric result (tests/test_flash.py, against the xla
 path, both drivers; the tables and both rotation layouts bitwise against lx.rope). Compiled
 without hardware: forward and backward by XLA's TPU compiler for a v5p (Mosaic's passes
-included; benchmarks/kernel_signals.py reads the compiled kernels' op counts), and lowered to
-Triton IR for GPU (tests). Not run on hardware: speed, and Triton's compilation to PTX.
+included; benchmarks/kernel_signals.py reads the compiled kernels' op counts), lowered to
+Triton IR for GPU (tests) and compiled by Triton 3.9.0 to sm_90a PTX in the signals
+benchmark (XLA compiles with its own Triton fork). Not run on hardware: speed.
 """
 
 from __future__ import annotations
@@ -487,8 +490,9 @@ def _unrotated(cfg: _Config, grads: tuple[jax.Array, ...], cos_ref, sin_ref
 def _column(cfg: _Config, ref, *lead) -> jax.Array:
     """Query positions or segment ids against a kv block: their blocks [bq, lanes] hold each
     query's value in every lane (grid driver: 128 lanes), so [bq, bk] is a copy of whole
-    vector registers (`jnp.tile`, as JAX's splash kernel does) when bk is a multiple of 128, a lane slice when bk <= 128;
-    otherwise (and on the loop driver, 1 lane) a column [bq, 1] that the mask broadcasts."""
+    vector registers (`jnp.tile`, as JAX's splash kernel does) when bk is a multiple of 128,
+    a lane slice when bk <= 128; otherwise (and on the loop driver, 1 lane) a column [bq, 1]
+    that the mask broadcasts."""
     values = ref[(*lead, slice(None))] if lead else ref[...]
     lanes, width = values.shape[-1], cfg.block_k
     if lanes == 1 or width % lanes and width > lanes:
@@ -669,7 +673,7 @@ def _dkv_kernel(*refs, cfg: _Config, names):
     lo, hi = r.lo[b, j], r.hi[b, j]
     kv_start = j * cfg.block_k
     if cfg.driver == "grid":
-        member, i = pl.program_id(3), pl.program_id(4)
+        i, member = pl.program_id(3), pl.program_id(4)
 
         @pl.when((member == 0) & (i == 0))
         def _init():
@@ -889,17 +893,17 @@ def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, de
     q_pos, kv_pos, q_seg, kv_seg = layouts
     q_cos, q_sin, kv_cos, kv_sin = tables
     if cfg.driver == "grid":
-        grid = (batch, kv_heads, cfg.kv_blocks, g, cfg.q_blocks)
+        grid = (batch, kv_heads, cfg.kv_blocks, cfg.q_blocks, g)
         semantics = ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
 
         def q_block(b, j, i, lo, hi):
             return _clamp(i, lo[b, j], hi[b, j])
 
-        q_map = lambda b, h, j, m, i, *s: (b, h * g + m, q_block(b, j, i, *s), 0)  # noqa: E731
-        q_rows = lambda b, h, j, m, i, *s: (b, q_block(b, j, i, *s), 0)  # noqa: E731
-        kv_map = lambda b, h, j, m, i, *_: (b, h, j, 0)  # noqa: E731
-        kv_rows = lambda b, h, j, m, i, *_: (b, j, 0)  # noqa: E731
-        kv_cols = lambda b, h, j, m, i, *_: (b, 0, j)  # noqa: E731
+        q_map = lambda b, h, j, i, m, *s: (b, h * g + m, q_block(b, j, i, *s), 0)  # noqa: E731
+        q_rows = lambda b, h, j, i, m, *s: (b, q_block(b, j, i, *s), 0)  # noqa: E731
+        kv_map = lambda b, h, j, i, m, *_: (b, h, j, 0)  # noqa: E731
+        kv_rows = lambda b, h, j, i, m, *_: (b, j, 0)  # noqa: E731
+        kv_cols = lambda b, h, j, i, m, *_: (b, 0, j)  # noqa: E731
         q_len, heads = bq, None
         scratch = [("k_rot", ((bk, qk_dim), k.dtype)), ("dk_acc", ((bk, qk_dim), jnp.float32)),
                    ("dv_acc", ((bk, v_dim), jnp.float32))]
@@ -951,12 +955,14 @@ def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges):
     tables = _tables(cfg, q_pos, kv_pos, freqs, q.dtype)
     layouts = _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg)
     out, lse = _forward(cfg, q, k, v, layouts, tables, ranges)
-    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse)
+    # lse saved as [B, Hq, Tp]: a trailing axis of 1 would be padded to 128 lanes on TPU.
+    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse[..., 0])
 
 
 def _flash_bwd(cfg, residuals, d_out):
     """The tables and layouts are rebuilt from positions (cheap elementwise XLA), not saved."""
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse = residuals
+    lse = lse[..., None]
     delta = online_softmax.delta(d_out, out)
     args = (cfg, q, k, v, _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg),
             _tables(cfg, q_pos, kv_pos, freqs, q.dtype), ranges, d_out, lse, delta)

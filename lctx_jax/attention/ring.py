@@ -67,13 +67,15 @@ to chunk-sized collectives, no all-gather; that a ring LLaMA equals an "xla" one
 compiled forward has no reorder collective left in its layer loop. Not verified: that GPU/TPU
 schedulers do overlap the ppermutes, speed, memory at scale.
 
-Inner block. On GPU and TPU meshes each hop runs the Pallas kernels of ./flash.py on the
-visiting chunk (`inner="flash"`: `flash.chunk_forward` gives the chunk's normalised out and
-lse, merged by logsumexp; the backward runs flash's dq and dk, dv kernels with the global lse
-and δ), so no f32 score tile goes through HBM; their block skipping by position ranges skips
-invisible blocks within a hop. On CPU the default is this module's XLA tiles (`inner="xla"`),
-since Pallas only interprets there; tests/test_ring.py checks the kernel path interpreted on
-8 simulated devices against the xla path.
+Inner block. `inner="flash"` runs the Pallas kernels of ./flash.py on each visiting chunk
+(`flash.chunk_forward` gives the chunk's normalised out and lse, merged by logsumexp; the
+backward runs flash's dq and dk, dv kernels with the global lse and δ), so no f32 score tile
+goes through HBM; within a hop the kernels skip kv blocks by their position ranges (causal,
+window, chunks) but not by segment id, and a hop with nothing visible still runs its grid
+(every step skipped). tests/test_ring.py checks it, interpreted, on 8 simulated devices
+against the xla path. The default stays this module's XLA tiles (`inner="xla"`, the only
+inner block on CPU, where Pallas only interprets) until the kernels have run on a GPU or TPU:
+the pod sizings in the README were compiled with it.
 """
 
 from __future__ import annotations
@@ -215,9 +217,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
     "striped" | "none", the causal load balancing (ignored when not causal). inputs_reordered:
     all of q, k, v, positions and segment ids are already in `reorder(·, P, scheme)` order, and
     the output is returned in that order. block_size: the largest tile (see `tile_size`; with
-    inner="flash" the kernels' block). inner: the per-hop block, "flash" (the Pallas kernels of
-    ./flash.py, `chunk_forward` / `chunk_backward`; default on GPU and TPU meshes) or "xla"
-    (this module's tiles; default on CPU, where Pallas only interprets).
+    inner="flash" the kernels' block). inner: the per-hop block, "xla" (this module's tiles;
+    the default) or "flash" (the Pallas kernels of ./flash.py, `chunk_forward` /
+    `chunk_backward`, for GPU and TPU meshes; see "Inner block" in the module docstring).
     """
     ring_size = _ring_size(mesh)
     batch, length, q_heads, head_dim = q.shape
@@ -242,7 +244,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, positions: ja
         scale = 1.0 / math.sqrt(head_dim)
     axes = (*batch_axes, sharding.SEQUENCE_AXIS) + ((head_axis,) if head_axis else ())
     backend = mesh.devices.flat[0].platform
-    inner = inner or ("xla" if backend == "cpu" else "flash")
+    inner = inner or "xla"
     if inner not in INNER:
         raise ValueError(f"ring inner block {inner!r} is unknown; use one of "
                          f"{', '.join(map(repr, INNER))}")
@@ -379,10 +381,10 @@ def _kernel_backward(cfg: _Config, residuals: tuple, d_out: jax.Array) -> tuple:
     δ = rowsum(dout ⊙ out); dq sums on the device, each chunk's dK, dV follow it round the
     ring (`_backward_hops`)."""
     q, k, v, positions, kv_positions, segment_ids, kv_segment_ids, out, lse = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = online_softmax.delta(d_out, out)
 
     def step(d_q: jax.Array, kv: tuple) -> tuple:
-        dq, dk, dv = flash.chunk_backward(q, kv[0], kv[1], d_out, lse, delta,
+        dq, dk, dv = flash.chunk_backward(q, kv[0], kv[1], d_out, lse, delta[..., 0],
                                           **_chunk_args(cfg, positions, segment_ids, kv))
         return d_q + dq, (dk, dv)
 
@@ -399,10 +401,10 @@ def _pass_on(cfg: _Config, tree: Tree) -> Tree:
                         [(i, (i + 1) % size) for i in range(size)])
 
 
-def _forward_hops(cfg: _Config,
-                  step: Callable[[online_softmax.Stats, Tree], online_softmax.Stats],
-                  stats: online_softmax.Stats, kv: Tree) -> online_softmax.Stats:
-    """Folds the P chunks into `stats`: at hop s a device holds the chunk of device i − s.
+def _forward_hops(cfg: _Config, step: Callable[[Tree, Tree], Tree], stats: Tree, kv: Tree
+                  ) -> Tree:
+    """Folds the P chunks into `stats` (the tiles' online-softmax stats, or the kernel path's
+    (out, lse)): at hop s a device holds the chunk of device i − s.
     The next chunk's ppermute is issued alongside the current chunk's compute."""
     def hop(_: jax.Array, carry: tuple) -> tuple:
         stats, kv = carry
