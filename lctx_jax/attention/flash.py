@@ -143,6 +143,12 @@ class _Config:
         return self.backend == "cpu"
 
     @property
+    def stat_lanes(self) -> int:
+        """Lanes of the row statistics m, l, lse, δ: 128 on the grid driver (each row's value
+        in every lane of a vector register, so no lane broadcast against a block), else 1."""
+        return LANES if self.driver == "grid" else 1
+
+    @property
     def halves(self) -> bool:
         """q, k, their tables and gradients held as two halves (loop driver with rope)."""
         return self.rope is not None and self.driver == "loop"
@@ -188,7 +194,7 @@ def chunk_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, positions: jax.Ar
     out, lse = _forward(cfg, qh, kh, vh, layouts, (None,) * 4, ranges, jnp.float32)
     length, dim = q.shape[1], q.shape[3]
     return (out.transpose(0, 2, 1, 3)[:, :length, :, :dim],
-            lse[..., 0].transpose(0, 2, 1)[:, :length])
+            lse[..., 0].transpose(0, 2, 1)[:, :length])  # lane 0 of the statistic
 
 
 def chunk_backward(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, lse: jax.Array,
@@ -207,7 +213,7 @@ def chunk_backward(q: jax.Array, k: jax.Array, v: jax.Array, d_out: jax.Array, l
     def statistic(x, fill):  # [B, T, Hq] -> [B, Hq, Tp, 1]; padded queries see nothing
         x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, t_pad - x.shape[1]), (0, 0)],
                     constant_values=fill)
-        return x.transpose(0, 2, 1)[..., None]
+        return _stat_lanes(cfg, x.transpose(0, 2, 1)[..., None])
 
     args = (cfg, qh, kh, vh, _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg), (None,) * 4, ranges,
             _heads_major(d_out, vh.shape[-1], t_pad), statistic(lse, jnp.inf),
@@ -487,19 +493,23 @@ def _unrotated(cfg: _Config, grads: tuple[jax.Array, ...], cos_ref, sin_ref
                   cfg.backend)
 
 
-def _column(cfg: _Config, ref, *lead) -> jax.Array:
-    """Query positions or segment ids against a kv block: their blocks [bq, lanes] hold each
-    query's value in every lane (grid driver: 128 lanes), so [bq, bk] is a copy of whole
-    vector registers (`jnp.tile`, as JAX's splash kernel does) when bk is a multiple of 128,
-    a lane slice when bk <= 128; otherwise (and on the loop driver, 1 lane) a column [bq, 1]
-    that the mask broadcasts."""
-    values = ref[(*lead, slice(None))] if lead else ref[...]
-    lanes, width = values.shape[-1], cfg.block_k
+def widen(values: jax.Array, width: int) -> jax.Array:
+    """Per-row values [rows, lanes] that hold each row's value in every lane (the grid driver's
+    128: query positions, segment ids, m, l, lse, δ) as [rows, width]: a copy of whole vector
+    registers (`jnp.tile`, as JAX's kernels do) when width is a multiple of the lanes, a lane
+    slice when it is at most the lanes; otherwise (and with 1 lane, the loop driver's) the
+    column [rows, 1], which broadcasts."""
+    lanes = values.shape[-1]
     if lanes == 1 or width % lanes and width > lanes:
         return values[:, :1]
     if width <= lanes:
         return values[:, :width]
     return jnp.tile(values, (1, width // lanes))
+
+
+def _column(cfg: _Config, ref, *lead) -> jax.Array:
+    """Query positions or segment ids against a kv block: `widen`ed to [bq, bk]."""
+    return widen(ref[(*lead, slice(None))] if lead else ref[...], cfg.block_k)
 
 
 def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start) -> jax.Array:
@@ -525,9 +535,9 @@ def _scores(cfg: _Config, q_rot, k_rot, mask) -> jax.Array:
 
 def _probs_and_dscores(cfg: _Config, q_rot, k_rot, v, mask, d_out, lse, delta):
     """Recomputed p = exp(s − lse) and dS = scale · p ⊙ (dout·vᵀ − delta), f32 [bq, bk]."""
-    p = online_softmax.probabilities(_scores(cfg, q_rot, k_rot, mask), lse)
+    p = online_softmax.probabilities(_scores(cfg, q_rot, k_rot, mask), lse, widen)
     dp = lax.dot_general(d_out, v, _TRANS_B, preferred_element_type=jnp.float32)
-    return p, online_softmax.score_grads(p, dp, delta, cfg.scale)
+    return p, online_softmax.score_grads(p, dp, delta, cfg.scale, widen)
 
 
 def _fwd_step(cfg, q_rot, q_pos, q_seg, k_rot, v, kv_pos, kv_seg, kv_start, carry):
@@ -537,7 +547,7 @@ def _fwd_step(cfg, q_rot, q_pos, q_seg, k_rot, v, kv_pos, kv_seg, kv_start, carr
     def weighted_values(p):
         return jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
-    return online_softmax.fold(carry, _scores(cfg, q_rot, k_rot, mask), weighted_values)
+    return online_softmax.fold(carry, _scores(cfg, q_rot, k_rot, mask), weighted_values, widen)
 
 
 def _dq_step(cfg, q_rot, q_pos, q_seg, d_out, lse, delta, k_rot, v, kv_pos, kv_seg, kv_start,
@@ -596,7 +606,8 @@ def _fwd_kernel(*refs, cfg: _Config, names):
 
         @pl.when(j == 0)
         def _init():
-            r.m[...], r.l[...], r.acc[...] = online_softmax.init(r.m.shape[:1], r.acc.shape[1])
+            r.m[...], r.l[...], r.acc[...] = online_softmax.init(r.m.shape[:1], r.acc.shape[1],
+                                                                 r.m.shape[1])
             _store(r.q_rot, _rotated(cfg, r.q, r.ref("q_cos"), r.ref("q_sin")))
 
         @pl.when((j >= lo) & (j < hi))
@@ -609,7 +620,7 @@ def _fwd_kernel(*refs, cfg: _Config, names):
 
         @pl.when(j == cfg.kv_blocks - 1)
         def _finish():
-            out, lse = online_softmax.finish((r.m[...], r.l[...], r.acc[...]))
+            out, lse = online_softmax.finish((r.m[...], r.l[...], r.acc[...]), widen)
             r.o[...], r.lse[...] = out.astype(r.o.dtype), lse
         return
 
@@ -623,7 +634,7 @@ def _fwd_kernel(*refs, cfg: _Config, names):
                          r.row("kv_seg", kv), j * cfg.block_k, carry)
 
     init = online_softmax.init(r.q.shape[:1], r.v.shape[-1])
-    out, lse = online_softmax.finish(lax.fori_loop(lo, hi, body, init))
+    out, lse = online_softmax.finish(lax.fori_loop(lo, hi, body, init), widen)
     r.o[...], r.lse[...] = out.astype(r.o.dtype), lse
 
 
@@ -852,12 +863,13 @@ def _forward(cfg: _Config, q, k, v, layouts, tables, ranges, dtype=None):
     grid, semantics, q_map, inputs = _q_major(cfg, q, k, v, layouts, tables)
     scratch = []
     if cfg.driver == "grid":
-        scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("m", ((bq, 1), jnp.float32)),
-                   ("l", ((bq, 1), jnp.float32)), ("acc", ((bq, v_dim), jnp.float32))]
+        scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("m", ((bq, LANES), jnp.float32)),
+                   ("l", ((bq, LANES), jnp.float32)), ("acc", ((bq, v_dim), jnp.float32))]
     outputs = [("o", jax.ShapeDtypeStruct((batch, q_heads, t_pad, v_dim), dtype or q.dtype),
                 pl.BlockSpec((None, None, bq, v_dim), q_map)),
-               ("lse", jax.ShapeDtypeStruct((batch, q_heads, t_pad, 1), jnp.float32),
-                pl.BlockSpec((None, None, bq, 1), q_map))]
+               ("lse", jax.ShapeDtypeStruct((batch, q_heads, t_pad, cfg.stat_lanes),
+                                            jnp.float32),
+                pl.BlockSpec((None, None, bq, cfg.stat_lanes), q_map))]
     flops = 2 * _score_count(cfg, q.shape) * (qk_dim + v_dim)
     return _call(_fwd_kernel, cfg, grid, semantics, ranges[:2], inputs, outputs, scratch,
                  flops, "flash_rope_fwd")
@@ -869,8 +881,8 @@ def _backward_dq(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, del
     qk_dim, v_dim, bq = q.shape[-1], v.shape[-1], cfg.block_q
     grid, semantics, q_map, inputs = _q_major(cfg, q, k, v, layouts, tables)
     inputs += [("d_out", d_out, pl.BlockSpec((None, None, bq, v_dim), q_map)),
-               ("lse", lse, pl.BlockSpec((None, None, bq, 1), q_map)),
-               ("delta", delta, pl.BlockSpec((None, None, bq, 1), q_map))]
+               ("lse", lse, pl.BlockSpec((None, None, bq, cfg.stat_lanes), q_map)),
+               ("delta", delta, pl.BlockSpec((None, None, bq, cfg.stat_lanes), q_map))]
     scratch = []
     if cfg.driver == "grid":
         scratch = [("q_rot", ((bq, qk_dim), q.dtype)), ("dq_acc", ((bq, qk_dim), jnp.float32))]
@@ -930,8 +942,8 @@ def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, de
               ("kv_cos", kv_cos, pl.BlockSpec((None, bk, qk_dim), kv_rows)),
               ("kv_sin", kv_sin, pl.BlockSpec((None, bk, qk_dim), kv_rows)),
               ("d_out", d_out, pl.BlockSpec((None, heads, q_len, v_dim), q_map)),
-              ("lse", lse, pl.BlockSpec((None, heads, q_len, 1), q_map)),
-              ("delta", delta, pl.BlockSpec((None, heads, q_len, 1), q_map))]
+              ("lse", lse, pl.BlockSpec((None, heads, q_len, cfg.stat_lanes), q_map)),
+              ("delta", delta, pl.BlockSpec((None, heads, q_len, cfg.stat_lanes), q_map))]
     outputs = [("dk", jax.ShapeDtypeStruct(k.shape, dtype or k.dtype),
                 pl.BlockSpec((None, None, bk, qk_dim), kv_map)),
                ("dv", jax.ShapeDtypeStruct(v.shape, dtype or v.dtype),
@@ -955,15 +967,16 @@ def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges):
     tables = _tables(cfg, q_pos, kv_pos, freqs, q.dtype)
     layouts = _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg)
     out, lse = _forward(cfg, q, k, v, layouts, tables, ranges)
-    # lse saved as [B, Hq, Tp]: a trailing axis of 1 would be padded to 128 lanes on TPU.
+    # lse saved as [B, Hq, Tp]: its lanes are copies of one value (and a trailing axis of 1
+    # would be padded to 128 lanes on TPU).
     return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse[..., 0])
 
 
 def _flash_bwd(cfg, residuals, d_out):
     """The tables and layouts are rebuilt from positions (cheap elementwise XLA), not saved."""
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, freqs, ranges, out, lse = residuals
-    lse = lse[..., None]
-    delta = online_softmax.delta(d_out, out)
+    lse = _stat_lanes(cfg, lse[..., None])
+    delta = _stat_lanes(cfg, online_softmax.delta(d_out, out))
     args = (cfg, q, k, v, _layouts(cfg, q_pos, kv_pos, q_seg, kv_seg),
             _tables(cfg, q_pos, kv_pos, freqs, q.dtype), ranges, d_out, lse, delta)
     dq = _backward_dq(*args)
@@ -971,6 +984,11 @@ def _flash_bwd(cfg, residuals, d_out):
     zero = lambda x: None if x is None else jax.tree.map(jnp.zeros_like, x)  # noqa: E731
     return (dq, dk, dv, _int_zero(q_pos), _int_zero(kv_pos), _int_zero(q_seg),
             _int_zero(kv_seg), zero(freqs), jax.tree.map(_int_zero, ranges))
+
+
+def _stat_lanes(cfg: _Config, stat: jax.Array) -> jax.Array:
+    """A row statistic [..., T, 1] in the kernels' layout [..., T, cfg.stat_lanes]."""
+    return jnp.broadcast_to(stat, (*stat.shape[:-1], cfg.stat_lanes))
 
 
 def _int_zero(x):

@@ -14,7 +14,9 @@ of keys (−inf where hidden):
 
 A row with no visible key so far has m = −inf; exponents are then shifted by 0 instead, so its
 weights are 0, never NaN, and lse = +inf makes its recomputed p 0 as well. Row statistics
-(m, l, lse, δ) keep a trailing size-1 axis: [..., bq, 1]; acc and out are [..., bq, Dv].
+(m, l, lse, δ) keep a trailing axis: size 1 ([..., bq, 1]) where they broadcast against the
+blocks, or W lanes holding the same value (the TPU kernels' [bq, 128], as JAX's flash kernel
+keeps them), which `widen(x, n)` turns into n columns; acc and out are [..., bq, Dv].
 `softmax` is the one-block case for a whole row at once (xla's plain path).
 """
 
@@ -26,8 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# (running max m [..., bq, 1], denominator l [..., bq, 1], accumulator acc [..., bq, Dv]), f32.
+# (running max m [..., bq, W], denominator l [..., bq, W], accumulator acc [..., bq, Dv]), f32.
 Stats = tuple[jax.Array, jax.Array, jax.Array]
+# widen(x [..., bq, W], n) -> [..., bq, n] (or anything broadcasting to it); None: x as it is.
+Widen = Callable[[jax.Array, int], jax.Array] | None
 
 
 def scores(products: jax.Array, visible: jax.Array, scale: float) -> jax.Array:
@@ -42,14 +46,15 @@ def softmax(scores: jax.Array) -> jax.Array:
     return weights / _nonzero(weights.sum(axis=-1, keepdims=True))
 
 
-def init(rows: tuple[int, ...], value_dim: int) -> Stats:
-    """(m = −inf, l = 0, acc = 0) for query rows of shape `rows` [..., bq]: nothing seen yet."""
-    return (jnp.full((*rows, 1), -jnp.inf, jnp.float32), jnp.zeros((*rows, 1), jnp.float32),
-            jnp.zeros((*rows, value_dim), jnp.float32))
+def init(rows: tuple[int, ...], value_dim: int, width: int = 1) -> Stats:
+    """(m = −inf, l = 0, acc = 0) for query rows of shape `rows` [..., bq], statistics `width`
+    wide: nothing seen yet."""
+    return (jnp.full((*rows, width), -jnp.inf, jnp.float32),
+            jnp.zeros((*rows, width), jnp.float32), jnp.zeros((*rows, value_dim), jnp.float32))
 
 
-def fold(stats: Stats, scores: jax.Array, weighted_values: Callable[[jax.Array], jax.Array]
-         ) -> Stats:
+def fold(stats: Stats, scores: jax.Array, weighted_values: Callable[[jax.Array], jax.Array],
+         widen: Widen = None) -> Stats:
     """Folds one block of scores f32 [..., bq, bk] into `stats`. weighted_values(p) is the f32
     product p·v [..., bq, Dv] of the block's weights p [..., bq, bk] with its values, in the
     caller's layout (an einsum, or a 2-D jnp.dot in a kernel)."""
@@ -58,18 +63,20 @@ def fold(stats: Stats, scores: jax.Array, weighted_values: Callable[[jax.Array],
     new_max = lax.stop_gradient(jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True)))
     shift = _shift(new_max)
     rescale = jnp.exp(row_max - shift)
-    weights = jnp.exp(scores - shift)
+    weights = jnp.exp(scores - _widened(widen, shift, scores.shape[-1]))
     denominator = rescale * denominator + jnp.sum(weights, axis=-1, keepdims=True)
-    return new_max, denominator, rescale * acc + weighted_values(weights)
+    return (new_max, denominator,
+            _widened(widen, rescale, acc.shape[-1]) * acc + weighted_values(weights))
 
 
-def finish(stats: Stats) -> tuple[jax.Array, jax.Array]:
-    """(out = acc / l f32 [..., bq, Dv], lse = m + log l [..., bq, 1]); a row that saw no key
+def finish(stats: Stats, widen: Widen = None) -> tuple[jax.Array, jax.Array]:
+    """(out = acc / l f32 [..., bq, Dv], lse = m + log l [..., bq, W]); a row that saw no key
     gets out 0 and lse +inf."""
     row_max, denominator, acc = stats
     seen = denominator > 0
     safe = _nonzero(denominator)
-    return acc / safe, jnp.where(seen, row_max + jnp.log(safe), jnp.inf)
+    return (acc / _widened(widen, safe, acc.shape[-1]),
+            jnp.where(seen, row_max + jnp.log(safe), jnp.inf))
 
 
 def delta(d_out: jax.Array, out: jax.Array) -> jax.Array:
@@ -77,16 +84,20 @@ def delta(d_out: jax.Array, out: jax.Array) -> jax.Array:
     return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
 
 
-def probabilities(scores: jax.Array, lse: jax.Array) -> jax.Array:
+def probabilities(scores: jax.Array, lse: jax.Array, widen: Widen = None) -> jax.Array:
     """p = e^(s − lse), f32 [..., bq, bk], recomputed from the scores and the saved lse."""
-    return jnp.exp(scores - lse)
+    return jnp.exp(scores - _widened(widen, lse, scores.shape[-1]))
 
 
 def score_grads(probs: jax.Array, d_probs: jax.Array, delta: jax.Array,
-                scale: float) -> jax.Array:
+                scale: float, widen: Widen = None) -> jax.Array:
     """dS = scale · p ⊙ (dP − δ), f32 [..., bq, bk]: the gradient w.r.t. q·k (so dq = dS·k,
-    dk = dSᵀ·q) from p, dP = dout·vᵀ [..., bq, bk] and δ [..., bq, 1]."""
-    return probs * (d_probs - delta) * scale
+    dk = dSᵀ·q) from p, dP = dout·vᵀ [..., bq, bk] and δ [..., bq, W]."""
+    return probs * (d_probs - _widened(widen, delta, probs.shape[-1])) * scale
+
+
+def _widened(widen: Widen, stat: jax.Array, width: int) -> jax.Array:
+    return stat if widen is None else widen(stat, width)
 
 
 def _shift(row_max: jax.Array) -> jax.Array:
