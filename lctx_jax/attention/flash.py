@@ -734,7 +734,9 @@ def _compiler_params(cfg: _Config, semantics: tuple[str, ...]):
         return pltpu.CompilerParams(dimension_semantics=semantics)
     if cfg.backend == "gpu":
         from jax.experimental.pallas import triton as plgpu
-        return plgpu.CompilerParams(num_warps=4, num_stages=2)
+        # 8 warps: no spills at D = 64 and in the forward and dq at D = 128 (4 warps spilled
+        # up to 1.7 KB per thread in dk, dv; benchmarks/kernel_signals.py, Triton 3.9 sm_90a).
+        return plgpu.CompilerParams(num_warps=8, num_stages=2)
     return None
 
 
