@@ -817,11 +817,8 @@ def _q_major(cfg: _Config, q, k, v, layouts, tables):
     block of one query head per program; the grid driver streams kv blocks along the last
     (sequential) grid axis, fetching only those in the q block's range, the loop driver reads
     whole kv rows."""
-    batch, q_heads, _, qk_dim = q.shape
-    v_dim, s_pad = v.shape[-1], k.shape[2]
+    batch, q_heads, s_pad = q.shape[0], q.shape[1], k.shape[2]
     g, bq = cfg.groups, cfg.block_q
-    q_pos, kv_pos, q_seg, kv_seg = layouts
-    q_cos, q_sin, kv_cos, kv_sin = tables
     if cfg.driver == "grid":
         grid = (batch, q_heads, cfg.q_blocks, cfg.kv_blocks)
         semantics = ("parallel", "parallel", "parallel", "arbitrary")
@@ -843,19 +840,32 @@ def _q_major(cfg: _Config, q, k, v, layouts, tables):
         kv_map = lambda b, h, i: (b, lax.div(h, g), 0, 0)  # noqa: E731
         kv_rows = kv_cols = lambda b, h, i: (b, 0, 0)  # noqa: E731
         kv_len = s_pad
-    lanes = q_pos.shape[-1]
-    inputs = [("q", q, pl.BlockSpec((None, None, bq, qk_dim), q_map)),
-              ("k", k, pl.BlockSpec((None, None, kv_len, qk_dim), kv_map)),
-              ("v", v, pl.BlockSpec((None, None, kv_len, v_dim), kv_map)),
-              ("q_pos", q_pos, pl.BlockSpec((None, bq, lanes), q_rows)),
-              ("kv_pos", kv_pos, pl.BlockSpec((None, 1, kv_len), kv_cols)),
-              ("q_seg", q_seg, pl.BlockSpec((None, bq, lanes), q_rows)),
-              ("kv_seg", kv_seg, pl.BlockSpec((None, 1, kv_len), kv_cols)),
-              ("q_cos", q_cos, pl.BlockSpec((None, bq, qk_dim), q_rows)),
-              ("q_sin", q_sin, pl.BlockSpec((None, bq, qk_dim), q_rows)),
-              ("kv_cos", kv_cos, pl.BlockSpec((None, kv_len, qk_dim), kv_rows)),
-              ("kv_sin", kv_sin, pl.BlockSpec((None, kv_len, qk_dim), kv_rows))]
+    inputs = _inputs(q, k, v, layouts, tables, bq, kv_len, None,
+                     (q_map, kv_map, q_rows, kv_rows, kv_cols))
     return grid, semantics, q_map, inputs
+
+
+def _inputs(q, k, v, layouts, tables, q_len: int, kv_len: int, q_heads: int | None, maps
+            ) -> list:
+    """(name, array, BlockSpec) of what every kernel reads: q, k, v, positions, segment ids
+    and the RoPE tables, in blocks of q_len query rows (of q_heads query heads; None: one,
+    squeezed) and kv_len key rows. maps: the index maps of q, k/v, query rows, key rows
+    (tables) and key columns (positions, segment ids)."""
+    q_pos, kv_pos, q_seg, kv_seg = layouts
+    q_cos, q_sin, kv_cos, kv_sin = tables
+    q_map, kv_map, q_rows, kv_rows, kv_cols = maps
+    qk_dim, v_dim, lanes = q.shape[-1], v.shape[-1], q_pos.shape[-1]
+    return [("q", q, pl.BlockSpec((None, q_heads, q_len, qk_dim), q_map)),
+            ("k", k, pl.BlockSpec((None, None, kv_len, qk_dim), kv_map)),
+            ("v", v, pl.BlockSpec((None, None, kv_len, v_dim), kv_map)),
+            ("q_pos", q_pos, pl.BlockSpec((None, q_len, lanes), q_rows)),
+            ("kv_pos", kv_pos, pl.BlockSpec((None, 1, kv_len), kv_cols)),
+            ("q_seg", q_seg, pl.BlockSpec((None, q_len, lanes), q_rows)),
+            ("kv_seg", kv_seg, pl.BlockSpec((None, 1, kv_len), kv_cols)),
+            ("q_cos", q_cos, pl.BlockSpec((None, q_len, qk_dim), q_rows)),
+            ("q_sin", q_sin, pl.BlockSpec((None, q_len, qk_dim), q_rows)),
+            ("kv_cos", kv_cos, pl.BlockSpec((None, kv_len, qk_dim), kv_rows)),
+            ("kv_sin", kv_sin, pl.BlockSpec((None, kv_len, qk_dim), kv_rows))]
 
 
 def _forward(cfg: _Config, q, k, v, layouts, tables, ranges, dtype=None):
@@ -901,11 +911,9 @@ def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, de
     reducing over the G query heads of its group and the q blocks in its range (grid: along the
     last two grid axes, fetching only q blocks in range; loop: a loop over both in the
     kernel)."""
-    batch, kv_heads, s_pad, qk_dim = k.shape
+    batch, kv_heads, _, qk_dim = k.shape
     v_dim, t_pad = v.shape[-1], q.shape[2]
     g, bq, bk = cfg.groups, cfg.block_q, cfg.block_k
-    q_pos, kv_pos, q_seg, kv_seg = layouts
-    q_cos, q_sin, kv_cos, kv_sin = tables
     if cfg.driver == "grid":
         grid = (batch, kv_heads, cfg.kv_blocks, cfg.q_blocks, g)
         semantics = ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
@@ -931,19 +939,9 @@ def _backward_dkv(cfg: _Config, q, k, v, layouts, tables, ranges, d_out, lse, de
         kv_cols = lambda b, h, j: (b, 0, j)  # noqa: E731
         q_len, heads = t_pad, g
         scratch = []
-    lanes = q_pos.shape[-1]
-    inputs = [("q", q, pl.BlockSpec((None, heads, q_len, qk_dim), q_map)),
-              ("k", k, pl.BlockSpec((None, None, bk, qk_dim), kv_map)),
-              ("v", v, pl.BlockSpec((None, None, bk, v_dim), kv_map)),
-              ("q_pos", q_pos, pl.BlockSpec((None, q_len, lanes), q_rows)),
-              ("kv_pos", kv_pos, pl.BlockSpec((None, 1, bk), kv_cols)),
-              ("q_seg", q_seg, pl.BlockSpec((None, q_len, lanes), q_rows)),
-              ("kv_seg", kv_seg, pl.BlockSpec((None, 1, bk), kv_cols)),
-              ("q_cos", q_cos, pl.BlockSpec((None, q_len, qk_dim), q_rows)),
-              ("q_sin", q_sin, pl.BlockSpec((None, q_len, qk_dim), q_rows)),
-              ("kv_cos", kv_cos, pl.BlockSpec((None, bk, qk_dim), kv_rows)),
-              ("kv_sin", kv_sin, pl.BlockSpec((None, bk, qk_dim), kv_rows)),
-              ("d_out", d_out, pl.BlockSpec((None, heads, q_len, v_dim), q_map)),
+    inputs = _inputs(q, k, v, layouts, tables, q_len, bk, heads,
+                     (q_map, kv_map, q_rows, kv_rows, kv_cols))
+    inputs += [("d_out", d_out, pl.BlockSpec((None, heads, q_len, v_dim), q_map)),
               ("lse", lse, pl.BlockSpec((None, heads, q_len, cfg.stat_lanes), q_map)),
               ("delta", delta, pl.BlockSpec((None, heads, q_len, cfg.stat_lanes), q_map))]
     outputs = [("dk", jax.ShapeDtypeStruct(k.shape, dtype or k.dtype),
