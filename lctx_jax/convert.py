@@ -53,7 +53,7 @@ class SafetensorsReader:
         elif (self.path / "model.safetensors").exists():
             files = ["model.safetensors"]
         else:
-            pickled = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
+            pickled = [p.name for pattern in ("*.bin", "*.pt") for p in self.path.glob(pattern)]
             hint = (f" Found {pickled}: pickle files are never loaded (they can run code); "
                     "re-save with transformers' save_pretrained(..., safe_serialization=True)."
                     if pickled else "")
@@ -250,7 +250,9 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32,
     weights with instead of config.json's (e.g. with fields overridden, as train.py's
     hf_overrides); its tensor shapes must be the checkpoint's.
     rope_scaling: a context-extension method put on the checkpoint, e.g.
-    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}.
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}; the
+    model's max_position_embeddings becomes the extended length (`RopeConfig.from_hf`), which
+    `to_hf` writes with the original length kept.
     attention: as `Model`'s (default: "infini" for an Infini-attention checkpoint, else
     "xla"). attention="infini" with infini={"segment_len": N, "update": "linear" | "delta",
     "gate_init": β0} puts Infini-attention on any LLaMA-family checkpoint (its gates start at

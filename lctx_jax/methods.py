@@ -17,7 +17,9 @@ METHODS = ("none", "pi", "ntk", "dynamic", "yarn", "llama3")
 
 
 def scaling(method: str, factor: float, original: int) -> dict[str, Any] | None:
-    """The rope_scaling dict of `method` extending a window of `original` tokens `factor`×."""
+    """The rope_scaling dict of `method` extending a window of `original` tokens `factor`×
+    (every method's dict names `original`: the model's max_position_embeddings becomes
+    original·factor, dynamic NTK's stays `original`; see `lctx_jax.RopeConfig.from_hf`)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown; use one of {METHODS} (LongRoPE: pass "
                          "the searched rope_scaling dict or JSON file instead)")
@@ -26,9 +28,8 @@ def scaling(method: str, factor: float, original: int) -> dict[str, Any] | None:
     if factor < 1:
         raise ValueError(f"factor={factor} must be >= 1 (it is the extension ratio)")
     rope_type = {"pi": "linear"}.get(method, method)
-    out: dict[str, Any] = {"rope_type": rope_type, "factor": float(factor)}
-    if method in ("yarn", "llama3"):
-        out["original_max_position_embeddings"] = int(original)
+    out: dict[str, Any] = {"rope_type": rope_type, "factor": float(factor),
+                           "original_max_position_embeddings": int(original)}
     if method == "llama3":
         out.update(low_freq_factor=1.0, high_freq_factor=4.0)
     return out

@@ -6,7 +6,8 @@ the same order, so inverse frequencies agree bit for bit except where torch's ow
 an ulp off (within 4 ulp then; tests/test_rope.py states the bounds).
 
 Notation (the papers cited per method below): d = rotary dim, b = rope_theta, θ_j = b^(−2j/d),
-s = factor, L = original_max_position_embeddings, M = max_position_embeddings.
+s = factor, L = original_max_position_embeddings, M = max_position_embeddings. A method put on
+a checkpoint extends it to M = L·s (dynamic NTK: M = L; `RopeConfig.from_hf`).
 
 Methods (`rope_type`):
   default   θ
@@ -55,6 +56,11 @@ _METHOD_KEYS = {
 # start_tokens is read for every type so that putting it on a non-longrope type is an error.
 _COMMON_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "start_tokens"}
 _FACTOR_REQUIRED = {"linear", "ntk", "dynamic", "llama3"}
+# Every type but "default" reads the original length L. Only yarn, longrope and llama3 write it
+# into the scaling dict, where transformers requires it; for linear and dynamic transformers
+# logs it as an unrecognized key. config.json keeps L at the top level for every type.
+_ORIGINAL = "original_max_position_embeddings"
+_ORIGINAL_REQUIRED = {"yarn", "longrope", "llama3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +74,9 @@ class RopeConfig:
     theta: float = 10000.0
     head_dim: int = 128
     rotary_dim: int = 128
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = 2048  # M: the context the model is for (see `from_hf`)
     factor: float = 1.0
-    original_max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = None  # L: the context a method extends
     attention_factor: float | None = None  # given explicitly (yarn, longrope); None: derived
     beta_fast: float = 32.0
     beta_slow: float = 1.0
@@ -95,7 +101,10 @@ class RopeConfig:
         old one (`rope_scaling` with `type` or `rope_type`, top-level `rope_theta`).
         `rope_scaling`, when given, replaces the config's scaling dict (a context-extension
         method put on any checkpoint); rope_theta and partial_rotary_factor still fall back to
-        the config's.
+        the config's. The method then extends L (its original_max_position_embeddings, else
+        the config's, else the config's max_position_embeddings) to M = round(L·s), as
+        published YaRN, Llama 3.1 and Phi-3 checkpoints state it; "dynamic" keeps M = L
+        (transformers reads dynamic NTK's M as its original length).
         """
         return _from_hf(_as_dict(config), rope_scaling)
 
@@ -103,7 +112,9 @@ class RopeConfig:
         """The `rope_parameters` dict transformers reads back to the same frequencies.
 
         "ntk" is not a transformers type; it is written as "default" with the scaled base, which
-        is the same rotation. `start_tokens` is ours; transformers ignores it.
+        is the same rotation. `start_tokens` is ours; transformers ignores it. L is in the dict
+        for yarn, longrope and llama3 only (transformers requires it there and flags it
+        elsewhere); config.json holds M and L at the top level (the model config's `to_hf`).
         """
         out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
         if self.rotary_dim != self.head_dim:
@@ -156,7 +167,8 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is unknown; use one of {', '.join(ROPE_TYPES)}")
 
-    unknown = set(params) - _COMMON_KEYS - _METHOD_KEYS[rope_type]
+    unknown = set(params) - _COMMON_KEYS - _METHOD_KEYS[rope_type] - (
+        set() if rope_type == "default" else {_ORIGINAL})
     if unknown:
         warnings.warn(f"rope {rope_type!r} ignores keys {sorted(unknown)}", stacklevel=3)
 
@@ -179,17 +191,18 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
     scaling = "the rope scaling dict"
 
     kwargs: dict[str, Any] = {}
-    if rope_type in ("yarn", "longrope", "llama3"):
+    extending = override is not None and rope_type != "default"
+    if rope_type != "default":
         # Phi-3 keeps the pretraining length at the top level; transformers lets it win over
         # the scaling dict. An explicit override still wins over both.
-        key = "original_max_position_embeddings"
-        given = [fields.integer(source, key, None, where=where) for source, where in
+        given = [fields.integer(source, _ORIGINAL, None, where=where) for source, where in
                  ((override or {}, scaling), (config, "config.json"), (own, scaling))]
-        orig = next((value for value in given if value is not None), max_pos)
-        if orig is None:
+        orig = next((value for value in given if value is not None),
+                    max_pos if extending or rope_type in _ORIGINAL_REQUIRED else None)
+        if orig is None and rope_type in _ORIGINAL_REQUIRED:
             raise ValueError(f"rope {rope_type!r} needs original_max_position_embeddings "
                              "(or max_position_embeddings) in the config")
-        kwargs[key] = orig
+        kwargs[_ORIGINAL] = orig
     if rope_type in ("dynamic",) or (rope_type in ("yarn", "longrope") and
                                      params.get("factor") is None):
         if max_pos is None:
@@ -202,10 +215,12 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
             raise ValueError(f"rope {rope_type!r} needs the key 'factor' (the context "
                              "extension ratio, e.g. 4.0)")
         if rope_type in ("yarn", "longrope"):
-            factor = max_pos / kwargs["original_max_position_embeddings"]
+            factor = max_pos / kwargs[_ORIGINAL]
         else:
             factor = 1.0
     kwargs["factor"] = float(factor)
+    if extending and kwargs[_ORIGINAL] is not None:
+        max_pos = _extended_length(rope_type, kwargs[_ORIGINAL], kwargs["factor"])
 
     for key in ("attention_factor", "mscale", "mscale_all_dim", "low_freq_factor",
                 "high_freq_factor"):
@@ -238,6 +253,12 @@ def _from_hf(config: dict[str, Any], override: Mapping[str, Any] | None) -> Rope
     return RopeConfig(rope_type=rope_type, theta=theta, head_dim=head_dim,
                       rotary_dim=int(head_dim * partial),
                       max_position_embeddings=max_pos or 2048, **kwargs)
+
+
+def _extended_length(rope_type: str, original: int, factor: float) -> int:
+    """M of a model that `rope_type` extends from `original` tokens by `factor`: round(L·s);
+    L for "dynamic", whose base formula reads M as the original length."""
+    return original if rope_type == "dynamic" else round(original * factor)
 
 
 def _validate(rope: RopeConfig) -> None:
@@ -293,10 +314,10 @@ def _validate(rope: RopeConfig) -> None:
                          "rope_type 'longrope'")
     if rope.attention_factor is not None and not rope.attention_factor > 0:
         raise ValueError(f"attention_factor must be positive, got {rope.attention_factor}")
-    if rope.rope_type in ("yarn", "longrope", "llama3"):
-        if not rope.original_max_position_embeddings or rope.original_max_position_embeddings <= 0:
-            raise ValueError(f"rope {rope.rope_type!r} needs a positive "
-                             "original_max_position_embeddings")
+    orig = rope.original_max_position_embeddings
+    if (orig is None and rope.rope_type in _ORIGINAL_REQUIRED) or (orig is not None and orig < 1):
+        raise ValueError(f"rope {rope.rope_type!r} needs a positive "
+                         f"original_max_position_embeddings, got {orig}")
 
 
 # ----------------------------------------------------------------------------- frequencies

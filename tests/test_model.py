@@ -5,6 +5,7 @@ Weights are drawn with initializer_range 0.2 so logits are O(1) and a wrong rota
 norm shows up far above the 1e-4 tolerance (f32 accumulation-order differences are ~1e-6).
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +22,7 @@ import torch
 import transformers as tf
 
 import lctx_jax as lx
+from lctx_jax import longrope_search, methods
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -32,7 +34,8 @@ FAMILIES = {
     "llama": (tf.LlamaForCausalLM, tf.LlamaConfig, {}),
     "llama-bias": (tf.LlamaForCausalLM, tf.LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
     "llama-yarn": (tf.LlamaForCausalLM, tf.LlamaConfig, {
-        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                         "original_max_position_embeddings": 64}}),
     "llama3": (tf.LlamaForCausalLM, tf.LlamaConfig, {
         "rope_theta": 500000.0, "tie_word_embeddings": True,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -129,6 +132,66 @@ def test_with_rope_scaling_equals_reading_config_json_with_it(family, scaling, t
         "rope_type", "default")
 
 
+@contextlib.contextmanager
+def transformers_warnings():
+    """The messages transformers logs at WARNING or above inside the block."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+ORIGINAL = 64  # the base checkpoints' max_position_embeddings L
+LONGROPE_200 = longrope_search.rope_scaling(  # searched-style factors to a 200-token target
+    lx.RopeConfig(head_dim=16, rotary_dim=16, max_position_embeddings=ORIGINAL), 200,
+    np.linspace(1.0, 4.0, 8))
+EXTENSIONS = {  # name: (base family, rope_scaling, the max_position_embeddings it must state)
+    **{m: ("llama", methods.scaling(m, 4.0, ORIGINAL), 4 * ORIGINAL)
+       for m in ("pi", "ntk", "yarn", "llama3")},
+    "dynamic": ("llama", methods.scaling("dynamic", 4.0, ORIGINAL), ORIGINAL),
+    "longrope": ("llama", LONGROPE_200, 200),
+    "longrope-phi3": ("phi3", LONGROPE_200, 200),
+}
+
+
+@pytest.mark.parametrize("name", list(EXTENSIONS))
+def test_an_extended_export_states_its_length_and_transformers_agrees(name, tmp_path):
+    """config.json of a method put on a 64-token checkpoint states the extended length (L·s,
+    longrope's target; dynamic NTK keeps L, its formula's original length) and keeps L; it
+    reads back to the same config, transformers loads it without a RoPE warning and gives our
+    logits past L."""
+    family, scaling, length = EXTENSIONS[name]
+    make_hf(family, tmp_path / "base", rope_scaling=None, max_position_embeddings=ORIGINAL)
+    model = lx.from_hf(tmp_path / "base", rope_scaling=scaling)
+    lx.to_hf(model, tmp_path / "out")
+    hf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert model.config.rope.max_position_embeddings == hf["max_position_embeddings"] == length
+    assert hf["original_max_position_embeddings"] == ORIGINAL
+    if scaling["rope_type"] in ("yarn", "longrope", "llama3"):  # where transformers reads L
+        assert hf["rope_parameters"]["original_max_position_embeddings"] == ORIGINAL
+    back = lx.from_hf(tmp_path / "out").config
+    if name == "ntk":  # written as "default" with the scaled base: the same rotation
+        assert back.rope.rope_type == "default"
+        assert back.rope.max_position_embeddings == length
+        back = dataclasses.replace(back, rope=model.config.rope)
+    assert back == model.config
+    with transformers_warnings() as said:
+        reference = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert not [line for line in said if "rope" in line.lower()], said
+    assert reference.config.max_position_embeddings == length
+    ids = random_ids(1, 100)
+    np.testing.assert_allclose(np.asarray(model(ids)), hf_logits(reference, ids), atol=1e-4,
+                               rtol=0)
+
+
 def test_sharded_checkpoints_read_and_write(tmp_path):
     hf = make_hf("llama", tmp_path / "src")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
@@ -175,7 +238,8 @@ def test_bf16_params_stay_bf16_and_track_transformers(tmp_path):
     hf = make_hf("llama", tmp_path / "f32")
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = lx.from_hf(tmp_path / "bf16", dtype=jnp.bfloat16)
-    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(model.params)} == {jnp.dtype("bfloat16")}
+    dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(model.params)}
+    assert dtypes == {jnp.dtype("bfloat16")}
     ids = random_ids(1, 64)
     ours, ref = np.asarray(model(ids)), hf_logits(hf, ids)
     # bf16 (8-bit mantissa) through 2 layers: a few percent of the logit scale.

@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 import lctx_jax as lx
+from lctx_jax import longrope_search, methods
 
 FREQ_RTOL = 4 * 2.0 ** -23  # 4 ulp in f32
 ROT_ATOL = 2e-6
@@ -93,7 +94,8 @@ def hf_frequencies(config: dict, seq_len):
     hf = LlamaConfig(**config)
     rope_type = hf.rope_parameters["rope_type"]
     if rope_type == "default":
-        return LlamaRotaryEmbedding.compute_default_rope_parameters(hf, device="cpu", seq_len=seq_len)
+        return LlamaRotaryEmbedding.compute_default_rope_parameters(hf, device="cpu",
+                                                                    seq_len=seq_len)
     return ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu", seq_len=seq_len)
 
 
@@ -238,6 +240,46 @@ def test_rope_scaling_override_extends_any_checkpoint():
     rope = lx.RopeConfig.from_hf(base, rope_scaling={"rope_type": "yarn", "factor": 8.0,
                                                      "original_max_position_embeddings": 4096})
     assert (rope.rope_type, rope.theta, rope.factor) == ("yarn", 500000.0, 8.0)
+
+
+def extension(name: str, original: int) -> dict:
+    """The rope_scaling of `name` (a methods.METHODS name, or "longrope": searched-style
+    factors to the target 201; for L = 71, (201 / L)·L is not 201 in floating point)."""
+    if name != "longrope":
+        return methods.scaling(name, 4.0, original)
+    rope = lx.RopeConfig(head_dim=64, rotary_dim=64, max_position_embeddings=original)
+    return longrope_search.rope_scaling(rope, 201, np.linspace(1.0, 4.0, 32))
+
+
+@pytest.mark.parametrize("name", ["pi", "ntk", "dynamic", "yarn", "llama3", "longrope"])
+def test_a_method_on_a_checkpoint_extends_its_max_position_embeddings(name):
+    """M = L·s (longrope: its target), L kept; dynamic NTK keeps M = L, which transformers'
+    formula reads as the original length. From an already extended config (M = 4L, L kept
+    at the top level, as our exports write it) a method extends L again, not M."""
+    original = 71
+    scaling = extension(name, original)
+    expected = {"dynamic": original, "longrope": 201}.get(name, 4 * original)
+    heads = {"hidden_size": 256, "num_attention_heads": 4}  # head_dim 64
+    checkpoints = [{**heads, "max_position_embeddings": original},
+                   {**heads, "max_position_embeddings": 4 * original,
+                    "original_max_position_embeddings": original,
+                    "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}]
+    # without L in the dict, L is the checkpoint's: its top-level L, else its M
+    unnamed = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    for config in checkpoints:
+        for given in (scaling, unnamed):
+            rope = lx.RopeConfig.from_hf(config, rope_scaling=given)
+            assert (rope.max_position_embeddings, rope.original_max_position_embeddings) == (
+                expected, original)
+
+
+def test_reading_a_config_keeps_its_max_position_embeddings():
+    """Without rope_scaling the config's M stands, whatever its method (Llama 3.1: 16·L)."""
+    config = {"hidden_size": 256, "num_attention_heads": 4, "max_position_embeddings": 131072,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    rope = lx.RopeConfig.from_hf(config)
+    assert (rope.max_position_embeddings, rope.original_max_position_embeddings) == (131072, 8192)
 
 
 def test_ntk_is_default_with_scaled_base():
