@@ -1,7 +1,7 @@
 """Training data for causal LM training: text sources (TFDS), tokenizers, and packing of
 documents into fixed-length rows with segment ids.
 
-    docs = text_source("stdlib", "train")              # Python's own stdlib sources, built here
+    docs = text_source("stdlib", "train")              # the shipped stdlib corpus, built here
     docs = text_source("pg19", "train", text_key="book_text")   # a prepared TFDS dataset
     tok = cached_tokenizer(path, lambda: docs, vocab_size=4096)
     batches = PackedBatches(docs, tok, seq_len=2048, batch_size=8, seed=0)
@@ -12,9 +12,11 @@ Tokenizers: a sentencepiece model (`SentencePieceTokenizer`) or a Hugging Face t
 (`HFTokenizer`, byte-level BPE as Llama 3 and Qwen2 ship), found by `load_tokenizer`.
 
 Text sources are random-access sequences of str read with TFDS `as_data_source` (ArrayRecord
-files; no TensorFlow needed). The embedded corpus "stdlib" is the `*.py` files of the running
-Python's standard library (test and site-packages directories left out); `LocalText` builds it,
-or any directory of text files described by a `TextFilesConfig`, in a few seconds, once.
+files; no TensorFlow needed). The embedded corpus "stdlib" is the `*.py` files of CPython
+3.11.7's standard library (test directories left out), shipped with the package as
+`CORPUS_ARCHIVE` so that it is the same on every machine and Python; `corpus_fingerprint` names
+it in run outputs and reports. `LocalText` builds it, or any directory or tar archive of text
+files described by a `TextFilesConfig`, in a few seconds, once.
 
 Packing. Each document becomes `[bos] + encode(text) + [eos]`; a shard's documents, in the
 epoch's shuffled order, form one token stream, and row r is cut from its seq_len + 1 tokens
@@ -28,14 +30,14 @@ loss_mask is 0 where the target is the next document's bos.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import hashlib
 import io
 import operator
 import os
 import pathlib
-import sys
-import sysconfig
+import tarfile
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -52,11 +54,12 @@ DEFAULT_DATA_DIR = "~/.cache/lctx_jax/tfds"
 
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
-    """The files under `root` matching `pattern` (pathlib glob, relative to root), one document
-    each, skipping files in any directory named in `exclude_dirs` and files that are not UTF-8.
-    A file goes to "validation" when sha1(relative path) % 100 < validation_percent, else to
-    "train". A build is reused while (name, version) stay the same: change one of them when the
-    files change."""
+    """The files under `root` (a directory, or a .tar / .tar.xz / .tar.gz archive) matching
+    `pattern` (pathlib glob, relative to root; in an archive, fnmatch on the member's name),
+    one document each, skipping files in any directory named in `exclude_dirs` and files that
+    are not UTF-8. A file goes to "validation" when sha1(relative path) % 100 <
+    validation_percent, else to "train". A build is reused while (name, version) stay the same:
+    change one of them when the files change."""
 
     root: str = ""
     pattern: str = "**/*"
@@ -64,28 +67,64 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     validation_percent: int = 5
 
 
+CORPUS_ARCHIVE = pathlib.Path(__file__).parent / "corpus" / "python-3.11.7-stdlib.tar.xz"
+
+# The embedded corpus: the 734 *.py files of CPython 3.11.7's standard library (test
+# directories left out), shipped in CORPUS_ARCHIVE with the PSF license, so that every machine
+# and every Python trains on the same documents (`corpus_fingerprint` names them).
 STDLIB = TextFilesConfig(
     name="stdlib",
-    version="%d.%d.%d" % sys.version_info[:3],  # each Python's stdlib is its own build
-    description="The *.py sources of the Python standard library.",
-    root=sysconfig.get_paths()["stdlib"],
+    version="3.11.7",
+    description="The *.py sources of CPython 3.11.7's standard library (shipped archive).",
+    root=str(CORPUS_ARCHIVE),
     pattern="**/*.py",
     exclude_dirs=("site-packages", "test", "tests", "idle_test", "__pycache__"),
 )
 
 
-def _text_files(config: TextFilesConfig) -> list[tuple[str, pathlib.Path]]:
-    """(relative posix path, path) of the config's files, sorted by relative path."""
+def _text_files(config: TextFilesConfig) -> list[tuple[str, bytes]]:
+    """(relative posix path, contents) of the config's files, sorted by relative path."""
     root = pathlib.Path(config.root)
+    excluded = set(config.exclude_dirs)
+    if root.is_file() and tarfile.is_tarfile(root):
+        pattern = config.pattern.replace("**/", "")  # fnmatch's * also matches "/"
+        files = []
+        with tarfile.open(root) as archive:
+            for member in archive.getmembers():
+                name = member.name.removeprefix("./")
+                if (member.isfile() and fnmatch.fnmatchcase(name, pattern)
+                        and not set(name.split("/")[:-1]) & excluded):
+                    files.append((name, archive.extractfile(member).read()))
+        return sorted(files)
     if not root.is_dir():
-        raise FileNotFoundError(f"TextFilesConfig {config.name!r}: root {root} is not a "
-                                "directory; set root to the directory that holds the text files")
+        raise FileNotFoundError(f"TextFilesConfig {config.name!r}: root {root} is neither a "
+                                "directory nor a tar archive; set root to what holds the text "
+                                "files")
     files = []
     for path in root.glob(config.pattern):
         relative = path.relative_to(root)
-        if path.is_file() and not set(relative.parts[:-1]) & set(config.exclude_dirs):
-            files.append((relative.as_posix(), path))
+        if path.is_file() and not set(relative.parts[:-1]) & excluded:
+            files.append((relative.as_posix(), path.read_bytes()))
     return sorted(files)
+
+
+def _utf8(files: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
+    """(name, text) of the files that are UTF-8."""
+    for name, raw in files:
+        try:
+            yield name, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+
+
+@functools.lru_cache(maxsize=8)
+def corpus_fingerprint(config: TextFilesConfig = STDLIB) -> str:
+    """"<name>-<12 hex digits>": sha256 over the (relative path, text) of every document of
+    both splits, in order. Equal fingerprints, equal corpora: runs and reports record it."""
+    digest = hashlib.sha256()
+    for name, text in _utf8(_text_files(config)):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    return f"{config.name}-{digest.hexdigest()[:12]}"
 
 
 def _split_of(relative_path: str, validation_percent: int) -> str:
@@ -117,14 +156,9 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, str]]]:
         config = self.builder_config
-        for name, path in _text_files(config):
-            if _split_of(name, config.validation_percent) != split:
-                continue
-            try:
-                text = path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            yield name, {"text": text, "name": name}
+        for name, text in _utf8(_text_files(config)):
+            if _split_of(name, config.validation_percent) == split:
+                yield name, {"text": text, "name": name}
 
 
 class _TextColumn(Sequence[str]):

@@ -4,6 +4,7 @@
 import hashlib
 import json
 import pathlib
+import tarfile
 
 import numpy as np
 import pytest
@@ -31,19 +32,19 @@ def tokenizer(corpus, tmp_path_factory):
 
 
 def stdlib_files_by_split():
-    """name -> text per split, read straight from the files."""
-    root = pathlib.Path(data.STDLIB.root)
+    """name -> text per split, read straight from the shipped archive."""
     out = {"train": {}, "validation": {}}
-    for path in sorted(root.rglob("*.py")):
-        name = path.relative_to(root).as_posix()
-        if EXCLUDED & set(path.relative_to(root).parts[:-1]):
-            continue
-        split = ("validation" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 100 < 5
-                 else "train")
-        try:
-            out[split][name] = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            pass
+    with tarfile.open(data.CORPUS_ARCHIVE) as archive:
+        for member in archive.getmembers():
+            name = member.name
+            if not name.endswith(".py") or EXCLUDED & set(name.split("/")[:-1]):
+                continue
+            split = ("validation" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 100 < 5
+                     else "train")
+            try:
+                out[split][name] = archive.extractfile(member).read().decode("utf-8")
+            except UnicodeDecodeError:
+                pass
     return out
 
 
@@ -59,6 +60,13 @@ def test_stdlib_build_matches_the_files_and_splits(corpus, data_dir):
         assert all(isinstance(d, str) for d in docs)
     assert 10 < len(corpus["validation"]) < len(corpus["train"]) / 10
     assert not set(expected["train"]) & set(expected["validation"])
+
+
+def test_the_shipped_corpus_is_pinned_by_its_fingerprint(corpus):
+    # the figures in the README are labelled with this fingerprint: a change to the shipped
+    # archive (or to how documents are read from it) must show up here
+    assert data.corpus_fingerprint() == "stdlib-eb6f8507a2fb"
+    assert len(corpus["train"]) == 700 and len(corpus["validation"]) == 34
 
 
 def test_text_source_reuses_build_and_checks_inputs(corpus, data_dir, tmp_path):
@@ -89,6 +97,17 @@ def test_local_text_of_any_directory(tmp_path):
            for t in data.text_source(config, split, str(tmp_path / "tfds"))]
     assert sorted(got) == sorted(files.values())
     assert 0 < len(data.text_source(config, "validation", str(tmp_path / "tfds"))) < 40
+    before = data.corpus_fingerprint(config)
+    (root / "a" / "00.md").write_text("changed")
+    data.corpus_fingerprint.cache_clear()
+    assert data.corpus_fingerprint(config) != before
+    with tarfile.open(tmp_path / "notes.tar.gz", "w:gz") as archive:   # an archive as root
+        archive.add(root, arcname=".", recursive=True)
+    packed = data.TextFilesConfig(name="packed", version="1.0.0",
+                                  root=str(tmp_path / "notes.tar.gz"), pattern="**/*.md",
+                                  exclude_dirs=("skip",), validation_percent=20)
+    assert data.corpus_fingerprint(packed).split("-")[1] == data.corpus_fingerprint(
+        config).split("-")[1]
 
 
 # --- tokenizer -------------------------------------------------------------------------------
