@@ -74,7 +74,7 @@ CORPUS_ARCHIVE = pathlib.Path(__file__).parent / "corpus" / "python-3.11.7-stdli
 # and every Python trains on the same documents (`corpus_fingerprint` names them).
 STDLIB = TextFilesConfig(
     name="stdlib",
-    version="3.11.7",
+    version="1.0.0",  # (builds of the running Python's stdlib were named by its version)
     description="The *.py sources of CPython 3.11.7's standard library (shipped archive).",
     root=str(CORPUS_ARCHIVE),
     pattern="**/*.py",
@@ -115,6 +115,12 @@ def _utf8(files: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
             yield name, raw.decode("utf-8")
         except UnicodeDecodeError:
             continue
+
+
+def fingerprint_of(dataset: str) -> str | None:
+    """The corpus fingerprint of a dataset name: the shipped corpus's for "stdlib", else None
+    (a TFDS dataset is named by its name and version)."""
+    return corpus_fingerprint() if dataset == "stdlib" else None
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -32,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from lctx_jax import losses, token_ids
+from lctx_jax import losses, retrieval, token_ids
 from lctx_jax.generate import generate
-from lctx_jax.model import Model
+from lctx_jax.model import Model, ModelSpec
 
 if TYPE_CHECKING:  # metrics never import the data pipeline (TFDS)
     from lctx_jax.data import Tokenizer
@@ -156,6 +157,16 @@ def _as_documents(documents: Sequence[np.ndarray], vocab_size: int) -> list[np.n
             for i, d in enumerate(documents)]
 
 
+def window_nll(model: Model | ModelSpec, params: Any, ids: jax.Array, positions: jax.Array,
+               segments: jax.Array, score: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed NLL, scored targets) of one batch of windows, f32 scalars: ids int32 [B, W + 1],
+    input i predicting ids[:, i + 1]; positions, segments int32 [B, W]; score f32 [B, W]. What
+    `_score_windows` jits (and `lctx_jax.aot` compiles for a TPU slice); on the model's mesh
+    the tokens are split over "sequence" (`lctx_jax.sharding`)."""
+    hidden = model.hidden(params, ids[:, :-1], positions, segments)
+    return losses.nll_sum(hidden, model.head(params), ids[:, 1:], score, model.dtype)
+
+
 def _score_windows(model: Model, windows: Iterable[tuple[np.ndarray, int, int]], width: int,
                    batch_size: int) -> tuple[float, int]:
     """(summed NLL, scored targets) over windows (tokens, fed, first): the model is fed
@@ -165,12 +176,7 @@ def _score_windows(model: Model, windows: Iterable[tuple[np.ndarray, int, int]],
     rotation's sequence length (max position + 1, for dynamic NTK / LongRoPE) at the longest
     row's; unused rows are all padding."""
 
-    @jax.jit
-    def batch_nll(params: Any, ids: jax.Array, positions: jax.Array, segments: jax.Array,
-                  score: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden = model.hidden(params, ids[:, :-1], positions, segments)
-        return losses.nll_sum(hidden, model.head(params), ids[:, 1:], score,
-                              model.dtype)
+    batch_nll = jax.jit(functools.partial(window_nll, model))
 
     def empty() -> tuple[np.ndarray, ...]:  # fresh arrays: jax may alias a host array
         return (np.zeros((batch_size, width + 1), np.int32),
@@ -230,15 +236,15 @@ PASSKEY_STYLES = {
         needle="Here is the pass key: {key}. Keep the pass key {key} in mind.",
         question="What number is the pass key? Answer: the pass key is",
         prose=True),
-    "python": _Style(
-        task="# Somewhere below, PASS_KEY is set to a five-digit number. Remember it.\n",
+    "python": _Style(  # the single-needle case of lctx_jax.retrieval's documents
+        task=retrieval.task_line([retrieval.PASS_KEY]),
         filler=("count = count + step\n",
                 "def double(value):\n    return value + value\n",
                 "label = name.upper()\n",
                 "items.append(label)\n",
                 "def is_empty(values):\n    return not values\n"),
-        needle="PASS_KEY = {key}  # remember this value: {key}\n",
-        question="\nassert PASS_KEY ==",
+        needle=retrieval.NEEDLE.format(name=retrieval.PASS_KEY, value="{key}"),
+        question=retrieval.question(retrieval.PASS_KEY),
         prose=False),
 }
 _ANSWER_TOKENS = 8  # generated per prompt: the key's digits (and a space) fit with room to spare
@@ -323,6 +329,43 @@ def passkey_accuracy(model: Model, tokenizer: Tokenizer, lengths: Sequence[int],
     "trials": trials, "style": style, "examples": [one per length: {"length", "depth",
     "prompt_tail", "expected", "got"}, a failed trial when there is one]}.
     """
+    def prompts(length: int, depth: float, rng: np.random.Generator) -> list[PasskeyPrompt]:
+        keys = rng.integers(10_000, 100_000, trials)
+        return [passkey_prompt(tokenizer, length, depth, int(k), style) for k in keys]
+
+    out = _accuracy_grid(model, tokenizer, lengths, depths, trials, seed, batch_size, prompts)
+    return {**out, "style": style}
+
+
+def needle_accuracy(model: Model, tokenizer: Tokenizer, haystack: Sequence[str],
+                    lengths: Sequence[int], depths: Sequence[float], trials: int,
+                    needles: int = 4, seed: int = 0, batch_size: int = 1) -> dict[str, Any]:
+    """Multi-key needle-in-a-haystack accuracy (RULER's MK-NIAH) per (length, depth): each
+    prompt (`lctx_jax.retrieval.needle_prompt`) hides `needles` constants in lines of the
+    `haystack` documents and asks for the one at `depth`; scored as `passkey_accuracy`
+    (greedy, the first five digits), with the same seeding per cell.
+
+    Returns passkey_accuracy's dict with "needles" instead of "style"."""
+    _check_int("needles", needles, 1, "")
+    lines = retrieval.haystack_lines(tokenizer, haystack)
+    if not lines:
+        raise ValueError("haystack has no documents to take lines from")
+
+    def prompts(length: int, depth: float, rng: np.random.Generator
+                ) -> list[retrieval.NeedlePrompt]:
+        return [retrieval.needle_prompt(tokenizer, lines, length, depth, needles, rng)
+                for _ in range(trials)]
+
+    out = _accuracy_grid(model, tokenizer, lengths, depths, trials, seed, batch_size, prompts)
+    return {**out, "needles": needles}
+
+
+def _accuracy_grid(model: Model, tokenizer: Tokenizer, lengths: Sequence[int],
+                   depths: Sequence[float], trials: int, seed: int, batch_size: int,
+                   prompts_of: Callable[[int, float, np.random.Generator], list]
+                   ) -> dict[str, Any]:
+    """Greedy exact-key accuracy of prompts_of(length, depth, rng) (objects with .ids and
+    .answer) per cell, rng = default_rng([seed, length, round(depth · 1000)])."""
     _check_int("trials", trials, 1, "")
     _check_int("batch_size", batch_size, 1, "")
     lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
@@ -332,24 +375,22 @@ def passkey_accuracy(model: Model, tokenizer: Tokenizer, lengths: Sequence[int],
     for length in lengths:
         row, example, example_failed = [], None, False
         for depth in depths:
-            rng = np.random.default_rng([seed, length, round(depth * 1000)])
-            keys = rng.integers(10_000, 100_000, trials)
-            prompts = [passkey_prompt(tokenizer, length, depth, int(k), style) for k in keys]
-            answers = _greedy_answers(model, np.stack([p.ids for p in prompts]), batch_size)
+            cell = prompts_of(length, depth,
+                              np.random.default_rng([seed, length, round(depth * 1000)]))
+            answers = _greedy_answers(model, np.stack([p.ids for p in cell]), batch_size)
             texts = [tokenizer.decode(a) for a in answers]
-            found = [_first_key(t) for t in texts]
-            correct = [f == p.answer for f, p in zip(found, prompts)]
+            correct = [_first_key(t) == p.answer for t, p in zip(texts, cell)]
             row.append(float(np.mean(correct)))
             if example is None or (not example_failed and not all(correct)):
                 shown = correct.index(False) if not all(correct) else 0
                 example_failed = not correct[shown]
                 example = {"length": length, "depth": depth,
-                           "prompt_tail": tokenizer.decode(prompts[shown].ids[-24:]),
-                           "expected": prompts[shown].answer, "got": texts[shown]}
+                           "prompt_tail": tokenizer.decode(cell[shown].ids[-24:]),
+                           "expected": cell[shown].answer, "got": texts[shown]}
         accuracy.append(row)
         examples.append(example)
     return {"lengths": lengths, "depths": depths, "accuracy": accuracy, "trials": trials,
-            "style": style, "examples": examples}
+            "examples": examples}
 
 
 class PasskeyBatches:

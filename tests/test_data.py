@@ -3,7 +3,6 @@
 
 import hashlib
 import json
-import pathlib
 import tarfile
 
 import numpy as np

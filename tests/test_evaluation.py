@@ -239,12 +239,13 @@ def test_write_report(tmp_path):
             "fine-tuned": {"yarn": {"512": {"perplexity": 5.0}}}},
         "passkey": {"no fine-tune": {"pi": passkey, "yarn/2x": passkey},
                     "fine-tuned": {"pi": passkey}},
+        "needle": {"fine-tuned": {"pi": {**passkey, "needles": 4}}},
         "meta": {"model": "tiny", "protocol": "sliding window, stride 256"},
     }
     paths = report.write_report(results, tmp_path / "report")
     names = sorted(p.name for p in paths)
-    assert names == ["passkey_pi.png", "passkey_yarn_2x.png", "perplexity.png",
-                     "results.json", "results.md"]
+    assert names == ["needle_pi.png", "passkey_pi.png", "passkey_yarn_2x.png",
+                     "perplexity.png", "results.json", "results.md"]
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == names  # no temp files
     for path in paths:
         if path.suffix == ".png":
@@ -262,7 +263,12 @@ def test_write_report(tmp_path):
     assert "| pi | 7.39 | 25.12 | – |" in md
     assert "| yarn | 7.39 | – | – |" in md
     assert "| yarn/2x | 90.0 | 30.0 |" in md
-    assert md.count("## Perplexity: ") == 2 and md.count("## Passkey retrieval: ") == 2
+    # one table of every method, then one per setting; one needle setting: no combined table
+    assert md.count("## Perplexity: ") == 3 and md.count("## Passkey retrieval (") == 3
+    assert md.count("## Multi-key needle in a haystack (") == 1
+    assert "| pi · fine-tuned | 90.0 | 30.0 |" in md
+    assert "| yarn · no fine-tune | 7.39 | – | – |" in md
+    assert "| yarn/2x · no fine-tune | 90.0 | 30.0 |" in md
 
 
 def test_metrics_import_no_training_stack():

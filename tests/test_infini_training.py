@@ -50,7 +50,7 @@ def test_passkey_batches_score_the_answer_only(workspace):
         key = tokenizer.decode(scored.tolist()).strip()
         assert len(key) == 5 and key.isdigit()
         prompt = tokenizer.decode(batch["input_ids"][row].tolist())
-        assert prompt.count(key) == 2 and prompt.endswith("assert PASS_KEY == " + key[:-1]), prompt
+        assert prompt.count(key) == 2 and prompt.endswith("\nPASS_KEY = " + key[:-1]), prompt
         assert batch["loss_mask"][row, -1] == 1 and batch["loss_mask"][row].sum() == len(scored)
     np.testing.assert_array_equal(batch["positions"][0], np.arange(128))
     state, second = stream.get_state(), next(stream)
