@@ -39,6 +39,10 @@ Fields (see `default_config` for defaults):
   stages             list of `stage(...)`: run in order, each starting from the previous
                      stage's weights (LoRA merged), with its own length, RoPE scaling,
                      attention, batch, steps and learning-rate schedule
+  summary_documents  after a stage with rope_scaling: perplexity of the base model, the base
+                     with the stage's RoPE and the fine-tuned model on this many held-out
+                     documents at L and the stage's length (`training.extension_summary`;
+                     0 = off, as the pod recipes set it: eval.py measures those on a mesh)
   checkpoint_every, keep_checkpoints, log_every, eval_batches, export_hf, peak_tflops,
   distributed, progress, tensorboard
 """
@@ -65,7 +69,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE = ("stop", "skip")
 STAGE_FIELDS = ("name", "seq_len", "batch_size", "steps", "lr", "warmup_steps", "schedule",
                 "rope_scaling", "attention", "grad_accum", "min_doc_tokens", "infini", "task",
-                "attention_block_size")
+                "attention_block_size", "retrieval")
 TASKS = ("text", "passkey-prose", "passkey-python")
 ATTENTION = (*IMPLEMENTATIONS, INFINI)
 
@@ -113,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.verify_checkpoints = True  # checksum the train state in each checkpoint, check on resume
     c.log_every = 10
     c.eval_batches = 4
+    c.summary_documents = 8
     c.export_hf = True
     c.peak_tflops = 0.0
     c.distributed = False
@@ -124,8 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
 def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
           warmup_steps: Any = 0, schedule: str = "constant", rope_scaling: Any = None,
           attention: str = "xla", grad_accum: Any = 1, min_doc_tokens: Any = 0,
-          infini: Any = None, task: str = "text", attention_block_size: Any = None
-          ) -> ml_collections.ConfigDict:
+          infini: Any = None, task: str = "text", attention_block_size: Any = None,
+          retrieval: Any = None) -> ml_collections.ConfigDict:
     """One training stage. Values may be `config.get_ref(...)` references, so a top-level
     field (e.g. `--config.pretrain_steps=50`) can drive a stage from the command line.
 
@@ -142,6 +147,10 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     prompt lengths from [min_doc_tokens, seq_len] instead of filling every row.
     attention_block_size: the attention's block (`ModelSpec.attention_block_size`), None for
     each kernel's default per backend.
+    retrieval: None, or {"share": f, "max_needles": n, "answer_weight": w} to make a fraction f
+    of a "text" stage's rows synthetic key-value retrieval documents of up to n needles, their
+    answers weighing w in the loss (`lctx_jax.retrieval.NeedleRows`, `MixedBatches`); the
+    stage's evaluation stays on the eval split's own documents.
     """
     out = ml_collections.ConfigDict()
     out.name = name
@@ -158,6 +167,7 @@ def stage(name: str, *, seq_len: Any, batch_size: Any, steps: Any, lr: Any,
     out.infini = infini
     out.task = task
     out.attention_block_size = attention_block_size
+    out.retrieval = retrieval
     return out
 
 
@@ -245,8 +255,9 @@ def validate(config: ml_collections.ConfigDict, published: bool = False) -> None
             raise ConfigError(f"config.{field}={config[field]} must be >= 1")
     if config.nonfinite not in NONFINITE:
         raise ConfigError(f"config.nonfinite={config.nonfinite!r}; use one of {NONFINITE}")
-    if config.eval_batches < 0:
-        raise ConfigError(f"config.eval_batches={config.eval_batches} must be >= 0")
+    for field in ("eval_batches", "summary_documents"):
+        if config[field] < 0:
+            raise ConfigError(f"config.{field}={config[field]} must be >= 0")
     if config.lora.rank < 0:
         raise ConfigError(f"config.lora.rank={config.lora.rank}: 0 (full fine-tuning) or a rank "
                           ">= 1")
@@ -338,6 +349,23 @@ def _validate_stage(s: ml_collections.ConfigDict, field: str, base: dict) -> Non
         raise ConfigError(f"{field}.schedule={s.schedule!r}; use one of {SCHEDULES}")
     if s.attention not in ATTENTION:
         raise ConfigError(f"{field}.attention={s.attention!r}; use one of {ATTENTION}")
+    mix = plain(s.get("retrieval"))
+    if mix is not None:
+        if (not isinstance(mix, dict) or set(mix) - {"share", "max_needles", "answer_weight"}
+                or not 0 < mix.get("share", 0) < 1
+                or type(mix.get("max_needles", 4)) is not int
+                or not 1 <= mix.get("max_needles", 4) <= 120
+                or not mix.get("answer_weight", 1.0) > 0):
+            raise ConfigError(f"{field}.retrieval={mix!r}: give None or {{'share': f in (0, 1), "
+                              "'max_needles': int in [1, 120], 'answer_weight': w > 0}")
+        if s.task != "text":
+            raise ConfigError(f"{field}.retrieval mixes documents into text; task {s.task!r} "
+                              "has none: set retrieval=None")
+        rows = mix["share"] * s.batch_size
+        if abs(rows - round(rows)) > 1e-9:
+            raise ConfigError(f"{field}.retrieval share {mix['share']} of batch_size "
+                              f"{s.batch_size} is not a whole number of rows; use a multiple "
+                              f"of 1/{s.batch_size}")
     if s.task not in TASKS:
         raise ConfigError(f"{field}.task={s.task!r}; use one of {TASKS}")
     block = s.get("attention_block_size")
@@ -407,7 +435,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # computes alike, so a diverged run can resume with --config.nonfinite=skip.
     out = {key: plain(config[key]) for key in keep}
     for s in out["stages"]:  # fields at their defaults are left out, as before they existed
-        for key, default in (("infini", None), ("task", "text")):
+        for key, default in (("infini", None), ("task", "text"), ("retrieval", None)):
             if s.get(key, default) == default:
                 s.pop(key, None)
     for key, default in (("gate_lr", 1e-2), ("gate_weight_decay", 0.0)):
@@ -415,6 +443,10 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
             out["optimizer"].pop(key)
     if config.hf_overrides:  # only when set: runs without it keep their fingerprint
         out["hf_overrides"] = plain(config.hf_overrides)
+    from lctx_jax import data  # (TFDS) only here: configs load without it
+    corpus = data.fingerprint_of(config.data.dataset)  # the documents, not only their name
+    if corpus is not None:
+        out["corpus"] = corpus
     return out
 
 
@@ -432,5 +464,6 @@ def pod_config(init_from: str, run_dir: str) -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     c.checkpoint_every = 50
     c.eval_batches = 2
+    c.summary_documents = 0  # one device's forward at the stage's length: eval.py on a mesh
     c.distributed = True  # a pod slice: one process per host (jax.distributed detects them)
     return c

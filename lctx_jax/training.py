@@ -73,7 +73,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lctx_jax import (checkpoint, checksums, convert, data, evaluation, losses, lora as lora_lib,
-                      models, paths, sharding, train_config)
+                      models, paths, retrieval, sharding, train_config)
 from lctx_jax.attention import infini
 from lctx_jax.model import Model, ModelSpec
 from lctx_jax.train_config import (ConfigError, InputNotFound, TrainingDiverged,
@@ -276,7 +276,7 @@ def run(config: ml_collections.ConfigDict) -> list[StageResult]:
     if tokenizer.vocab_size > base_hf["vocab_size"]:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {base_hf['vocab_size']}; use a matching tokenizer")
-    _check_passkey_stages(config, tokenizer)
+    _check_stage_rows(config, tokenizer, sources.get(config.data.split))
     _claim_run_dir(run_dir, config)
     logger = _Logger(run_dir, config)
     manager = ocp.CheckpointManager(
@@ -331,13 +331,16 @@ def _claim_run_dir(run_dir: epath.Path, config: ml_collections.ConfigDict) -> No
             raise ConfigError(f"{saved} is damaged ({err}); it records the config of the run in "
                               f"{run_dir}: restore it, or choose a new config.run_dir") from None
         changed = sorted(key for key in current if before.get(key) != json.loads(
-            json.dumps(current[key])))
+            json.dumps(current[key])) and (key in before or key != "corpus"))
+        # (a run from before corpus fingerprints resumes: its documents were not recorded)
         if not changed:
             return
         if _wrote_something(run_dir):
+            corpus = (f" (its corpus was {before['corpus']}, this one is {current['corpus']})"
+                      if "corpus" in changed else "")
             raise ConfigError(
-                f"{run_dir} holds a run with a different config (fields {changed} differ); "
-                "resume with the same config, or choose a new config.run_dir")
+                f"{run_dir} holds a run with a different config (fields {changed} differ"
+                f"{corpus}); resume with the same config, or choose a new config.run_dir")
         _say(f"{run_dir}: the run there wrote no checkpoint; this config (fields {changed} "
              "differ) replaces its config.json")
     if jax.process_index() == 0:
@@ -380,11 +383,20 @@ def _tokenizer(config: ml_collections.ConfigDict, sources: dict[str, Sequence[st
         raise ConfigError(f"{field}: {err}") from err
 
 
-def _check_passkey_stages(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer
-                          ) -> None:
-    """ConfigError for a passkey stage whose rows cannot hold its prompt with this tokenizer,
-    before any stage trains."""
+def _check_stage_rows(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
+                          documents: Sequence[str] | None) -> None:
+    """ConfigError for a passkey stage whose rows cannot hold its prompt, or a stage with
+    retrieval rows that cannot hold their needles, with this tokenizer, before any stage
+    trains (documents: the training split, None when every stage is done)."""
     for i, s in enumerate(config.stages):
+        mix = plain(s.get("retrieval"))
+        if mix and documents is not None:
+            try:
+                retrieval.NeedleRows(documents, tokenizer, s.seq_len, 0,
+                                     max_needles=mix.get("max_needles", 4))
+            except ValueError as err:
+                raise ConfigError(f"config.stages[{i}].retrieval (seq_len {s.seq_len}): "
+                                  f"{err}") from err
         if s.task != "text":
             try:
                 evaluation.PasskeyBatches(tokenizer, s.seq_len, 1, 0,
@@ -649,10 +661,75 @@ def _train_stage(config: ml_collections.ConfigDict, index: int, offset: int,
     model_dir = run_dir / "models" / stage.name
     manager.wait_until_finished()
     checkpoint.save(Model(model_config, params), model_dir)
+    del params, state, frozen  # the summary loads the models it compares
+    extension_summary(config, index, previous, model_dir, tokenizer,
+                      sources.get(config.data.eval_split), run_dir)
     skipped = (logger.total("skipped", offset, offset + stage.steps)
                if config.nonfinite == "skip" else None)
     return StageResult(stage.name, stage.steps, last_loss, eval_loss, rate, mfu,
                        time.perf_counter() - started, str(model_dir), skipped)
+
+
+SUMMARY_ROWS = ("base, RoPE as pre-trained", "base + method, no fine-tune", "fine-tuned")
+
+
+def extension_summary(config: ml_collections.ConfigDict, index: int,
+                      previous: epath.Path | None, model_dir: epath.Path,
+                      tokenizer: data.Tokenizer, documents: Sequence[str] | None,
+                      run_dir: epath.Path) -> dict[str, Any] | None:
+    """For a stage with rope_scaling (an extension stage): perplexity on the same held-out
+    documents (the first config.summary_documents of the eval split with enough tokens, each
+    cut to the length: the truncate protocol) at the base length L, the stage's seq_len and
+    the extended window L·s (when that many documents reach it), of the stage's starting
+    weights with their own RoPE (plain RoPE, for a model pre-trained without scaling), of those
+    weights with the stage's RoPE scaling (no fine-tune), and of the fine-tuned weights, each
+    on one device (pod recipes set summary_documents = 0). Printed as a table and
+    written to run_dir/summary/<stage>.json; None (nothing done) for other stages, without
+    starting weights (from scratch) or with summary_documents = 0."""
+    stage = config.stages[index]
+    start = previous if previous is not None else (
+        paths.as_path(config.init_from) if config.init_from else None)
+    if (not config.summary_documents or stage.rope_scaling is None or stage.task != "text"
+            or start is None or documents is None):
+        return None
+    tuned = checkpoint.load(model_dir)
+    base = (checkpoint.load(start) if (start / "params").is_dir() else convert.from_hf(
+        start, config=models.config_from_hf(base_hf_config(config))))
+    scaling = rope_scaling_dict(stage.rope_scaling, f"config.stages[{index}].rope_scaling")
+    untuned = base.replace(config=base.config.with_rope_scaling(scaling))
+    rope, base_length = tuned.config.rope, base.config.rope.max_position_embeddings
+    extended = round((rope.original_max_position_embeddings or base_length) * rope.factor)
+    lengths = sorted({base_length, stage.seq_len, extended})
+    while True:
+        held_out = evaluation.tokenize_documents(documents, tokenizer, min_tokens=max(lengths),
+                                                 limit=config.summary_documents)
+        if len(held_out) == config.summary_documents or max(lengths) == stage.seq_len:
+            break
+        lengths.pop()  # too few documents reach L·s: the summary stops at seq_len
+    if not held_out:
+        _say(f"stage {stage.name}: no eval-split document has {max(lengths)} tokens; no "
+             "extension summary")
+        return None
+    models_ = dict(zip(SUMMARY_ROWS, (base, untuned, tuned)))
+    table = {row: {str(n): evaluation.truncate_nll(m, held_out, n).perplexity for n in lengths}
+             for row, m in models_.items()}
+    out = {"stage": stage.name, "rope": tuned.config.rope.to_hf(), "documents": len(held_out),
+           "split": config.data.eval_split, "protocol": "truncate", "perplexity": table}
+    corpus = data.fingerprint_of(config.data.dataset)
+    if corpus is not None:
+        out["corpus"] = corpus
+    if jax.process_index() == 0:
+        paths.write_atomically(run_dir / "summary" / f"{stage.name}.json",
+                               json.dumps(out, indent=1))
+    width = max(map(len, SUMMARY_ROWS))
+    lines = [f"stage {stage.name}: held-out perplexity, {len(held_out)} {config.data.dataset}/"
+             f"{config.data.eval_split} documents cut to each length" + (
+                 f" (corpus {out['corpus']})" if "corpus" in out else ""),
+             " " * width + "".join(f"{n:>10}" for n in lengths)]
+    lines += [row.ljust(width) + "".join(f"{table[row][str(n)]:>10.2f}" for n in lengths)
+              for row in SUMMARY_ROWS]
+    _say("\n".join(lines))
+    return out
 
 
 def _finite_metrics(metrics: dict) -> bool:
@@ -733,9 +810,22 @@ class _Feed:
                 style=stage.task.split("-", 1)[1], shortest=stage.min_doc_tokens,
                 evaluation=for_eval)
             return
+        rows = accum * len(self.rows)
+        mix = plain(stage.get("retrieval"))
+        needle_rows = mix["share"] * rows if mix and not for_eval else 0
+        if needle_rows and (abs(needle_rows - round(needle_rows)) > 1e-9 or needle_rows >= rows):
+            raise ConfigError(f"stage {stage.name}: retrieval share {mix['share']} of "
+                              f"{rows} rows per host is not a whole number of rows below "
+                              f"{rows}; choose a share that is a multiple of 1/{rows}")
         self.batches = data.PackedBatches(
-            documents, tokenizer, stage.seq_len, accum * len(self.rows), seed,
+            documents, tokenizer, stage.seq_len, rows - round(needle_rows), seed,
             shard_index=self.shard, shard_count=shards, min_tokens=stage.min_doc_tokens)
+        if needle_rows:
+            needles = retrieval.NeedleRows(documents, tokenizer, stage.seq_len,
+                                           seed * 1000 + self.shard,
+                                           max_needles=mix.get("max_needles", 4),
+                                           answer_weight=mix.get("answer_weight", 1.0))
+            self.batches = retrieval.MixedBatches(self.batches, needles, round(needle_rows))
 
     def state(self) -> dict[str, dict]:
         """{shard index: its stream position} of every host's data shard, for a checkpoint

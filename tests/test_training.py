@@ -44,6 +44,7 @@ def tiny_config(workspace: dict, run_dir: pathlib.Path, **overrides):
     c.log_every = 2
     c.checkpoint_every = 4
     c.eval_batches = 1
+    c.summary_documents = 0  # (tests of the extension summary ask for it)
     c.export_hf = False
     c.stages = [stage("base", seq_len=32, batch_size=4, steps=12, lr=3e-3, warmup_steps=2)]
     for key, value in overrides.items():
@@ -217,6 +218,11 @@ def test_two_stage_run_learns_and_carries_weights(workspace, tmp_path):
     assert long.config.rope.rope_type == "linear" and long.config.rope.factor == 2.0
     hf = json.loads((run_dir / "hf" / "long" / "config.json").read_text())
     assert hf["rope_parameters"]["rope_type"] == "linear"
+    # the extension states its length, 32·2, in both exports, and keeps the original 32
+    stored = json.loads((run_dir / "models" / "long" / "config.json").read_text())
+    for exported in (hf, stored):
+        assert exported["max_position_embeddings"] == 64
+        assert exported["original_max_position_embeddings"] == 32
     assert (run_dir / "hf" / "long" / "tokenizer.model").exists()
     # A rerun finds every stage done and trains nothing.
     assert training.run(c) == []
@@ -392,3 +398,29 @@ def test_a_window_shorter_than_a_stage_is_never_silent(tmp_path):
     c.hf_overrides.hidden_size = 2048
     with pytest.raises(ConfigError, match="changes the parameter shapes"):
         validate(c)
+
+
+def test_the_demo_extension_recipe_lowers_held_out_perplexity_at_the_extended_length(
+        workspace, tmp_path):
+    """configs/demo.py's extension stage (its learning rate, warmup and schedule), on a tiny
+    model pre-trained at 32 tokens and extended 4× with YaRN: the stage's summary must show
+    the fine-tuned model below the same YaRN without fine-tuning on the same held-out
+    documents at the fine-tune's length, and both below plain RoPE there."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from configs import demo
+    run_dir = tmp_path / "run"
+    c = tiny_config(workspace, run_dir, eval_batches=0, summary_documents=4)
+    c.extend_steps = 24
+    c.stages = [stage("base", seq_len=32, batch_size=8, steps=60, lr=10 * demo.EXTEND_LR,
+                      warmup_steps=6, schedule="cosine"),
+                demo.extend_stage(c, {"rope_type": "yarn", "factor": 4.0,
+                                      "original_max_position_embeddings": 32},
+                                  seq_len=128, min_doc_tokens=64, retrieval=None)]
+    training.run(c)
+    summary = json.loads((run_dir / "summary" / "extend.json").read_text())
+    ppl = summary["perplexity"]
+    assert summary["documents"] == 4 and sorted(map(int, ppl["fine-tuned"])) == [32, 128]
+    assert summary["corpus"].startswith("stdlib-")
+    tuned, untuned = ppl["fine-tuned"]["128"], ppl["base + method, no fine-tune"]["128"]
+    assert tuned < untuned < ppl["base, plain RoPE"]["128"], ppl
