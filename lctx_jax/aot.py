@@ -18,23 +18,31 @@ published checkpoint the recipe names (`lctx_jax.architectures`), so it runs on 
 anything is downloaded. MaxText's train_compile.py does this for one config; here every stage of
 a progressive recipe is compiled in one call, and a stage that does not fit names its largest
 buffers.
+
+`python eval.py --config X.py --compile_only=v5p-8` (`compile_eval`) does the same for eval.py's
+perplexity forward: one batch of windows of each configured length, on the eval config's mesh
+with its attention (e.g. ring over "sequence"), the architecture from the first setting's
+checkpoint (or the published one its directory names).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import re
 import tempfile
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lctx_jax import lora as lora_lib, paths, training
+from lctx_jax import comparison, evaluation, lora as lora_lib, models, paths, sharding, training
 from lctx_jax.checkpoint import abstract_params
+from lctx_jax.model import Model
 from lctx_jax.train_config import ConfigError, base_hf_config, plain, validate
 
 GIB = 2**30
@@ -49,7 +57,8 @@ _TOPOLOGY_KIND = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v
 
 def topology_name(name: str) -> str:
     """A topology as `get_topology_desc` takes it: "v5p:2x2x2" as is, or a slice name such as
-    "v5p-16" (8 chips: 2x2x2), "v5litepod-16" / "v6e-16" (16 chips: 4x4)."""
+    "v5p-8" (4 chips: 2x2x1), "v5p-16" (8 chips: 2x2x2), "v5litepod-16" / "v6e-16" (16 chips:
+    4x4)."""
     if ":" in name:
         return name
     match = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
@@ -67,7 +76,10 @@ def topology_name(name: str) -> str:
             or chips * _CORES_PER_NAME[generation] != count):
         raise ConfigError(f"--compile_only={name!r}: {count} is not a {generation} slice size "
                           "(a power of two)")
-    return f"{_TOPOLOGY_KIND[generation]}:{'x'.join(map(str, sorted(dims)))}"
+    # Ascending, as GCP names them; a 3-D slice's unit dimension last (v5p-8 is 2x2x1: libtpu's
+    # hosts hold 2x2x1 chips, and a layout they do not divide has no topology).
+    dims = sorted(dims, key=lambda d: (d == 1 and not lite, d))
+    return f"{_TOPOLOGY_KIND[generation]}:{'x'.join(map(str, dims))}"
 
 
 def topology_devices(name: str) -> list[Any]:
@@ -104,53 +116,132 @@ class Footprint:
 
 
 @dataclasses.dataclass(frozen=True)
-class StageReport:
+class Report:
+    """One compiled unit (a training stage, an evaluated length): it fits when its `peak`, the
+    largest of its programs' peaks per chip, is within `hbm`."""
     name: str
     mesh: dict[str, int]
-    train: Footprint
-    eval: Footprint | None
     hbm: int
     largest: list[str]  # XLA's largest buffers of a program that does not fit
-
-    @property
-    def peak(self) -> int:
-        return max(self.train.peak, self.eval.peak if self.eval else 0)
 
     @property
     def fits(self) -> bool:
         return self.peak <= self.hbm
 
 
+@dataclasses.dataclass(frozen=True)
+class StageReport(Report):
+    train: Footprint
+    eval: Footprint | None
+
+    @property
+    def peak(self) -> int:
+        return max(self.train.peak, self.eval.peak if self.eval else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowReport(Report):
+    """eval.py's perplexity forward of one batch of windows of `name` tokens."""
+    forward: Footprint
+    seconds: float  # lowering and compiling
+
+    @property
+    def peak(self) -> int:
+        return self.forward.peak
+
+
 def compile_only(config: ml_collections.ConfigDict, topology: str) -> list[StageReport]:
     """Compiles every stage's train (and eval) step for `topology`; prints a report per stage
     and a last line that starts with "fit:" or "does not fit:"."""
     config = _without_missing_rope_files(config)
-    devices = topology_devices(topology)
-    hosts = len({d.process_index for d in devices})
+    devices, hbm = _target(topology)
     validate(config, published=True)
-    hbm = int(HBM_GIB.get(devices[0].device_kind, 0) * GIB)
-    if not hbm:
-        raise ConfigError(f"--compile_only={topology!r}: unknown HBM for {devices[0].device_kind}")
     base_hf = base_hf_config(config, published=True)
     mesh = training.config_mesh(config, devices)
-    print(f"{topology}: {len(devices)} chips ({devices[0].device_kind}, "
-          f"{hbm / GIB:.1f} GiB HBM each), {hosts} hosts; mesh "
-          + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()), flush=True)
+    _print_target(topology, devices, hbm, mesh)
     reports = []
     for index, stage in enumerate(config.stages):
         report = _compile_stage(config, index, base_hf, mesh, hbm)
         reports.append(report)
         print(_describe(stage, report), flush=True)
+    _conclude(reports, topology, len(devices), "stage")
+    return reports
+
+
+def compile_eval(config: ml_collections.ConfigDict, topology: str) -> list[WindowReport]:
+    """`eval.py --compile_only`: compiles the perplexity forward eval.py runs per batch
+    (`evaluation.window_nll`: config.perplexity.batch_size windows, the LM head in chunks) for
+    each of config.lengths on `topology`, with config.mesh and config.attention
+    (`comparison.eval_mesh`, `comparison.with_attention`); prints a report per length and a last
+    line that starts with "fit:" or "does not fit:". No weights, tokenizer or data are read:
+    the architecture is the first setting's checkpoint's config.json, or the published one its
+    directory names (`lctx_jax.architectures`), with the checkpoint's RoPE (every method costs
+    the same memory) and parameters in their stored dtype."""
+    devices, hbm = _target(topology)
+    comparison.validate(config, published=True)
+    # One chip has no mesh (config_mesh): a mesh of it, so the program is compiled for it.
+    mesh = comparison.eval_mesh(config, devices) or sharding.make_mesh(devices=devices[:1])
+    directory = comparison.first_checkpoint(config)
+    hf = base_hf_config(ml_collections.ConfigDict(dict(  # read as train.py's init_from
+        init_from=str(directory), model={}, hf_overrides={})), published=True)
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    if (directory / "params").is_dir():  # an lctx_jax checkpoint records its own
+        stored = paths.read_json(directory / "config.json")["lctx_jax"]["param_dtype"]
+    model_config = models.config_from_hf(hf)
+    params = abstract_params(model_config, jnp.dtype(
+        config.dtype if stored in (None, "auto") else stored), mesh)
+    model = comparison.with_attention(config, Model(model_config, params,
+                                                    dtype=jnp.dtype(config.dtype), mesh=mesh))
+    forward = jax.jit(functools.partial(evaluation.window_nll, model.spec))
+    _print_target(topology, devices, hbm, mesh)
+    print(f"{directory.name}: {model_config.num_layers} layers, parameters "
+          f"{_per_chip_bytes(params) / GIB:.2f} GiB per chip; attention {model.attention}, "
+          f"the checkpoint's RoPE (memory does not depend on the RoPE method)", flush=True)
+    reports = []
+    for length in config.lengths:
+        windows = _abstract_windows(config.perplexity.batch_size, length)
+        start = time.perf_counter()
+        with jax.default_device(mesh.devices.flat[0]):  # as _compile_stage lowers
+            lowered = forward.lower(params, *windows)
+        footprint, largest = _measure(lowered, _per_chip_bytes((params, windows)), hbm)
+        reports.append(WindowReport(str(length), dict(mesh.shape), hbm, largest, footprint,
+                                    time.perf_counter() - start))
+        print("\n".join([f"length {length} (batch {config.perplexity.batch_size}): "
+                         + ("fits" if reports[-1].fits else "DOES NOT FIT")
+                         + f", compiled in {reports[-1].seconds:.0f} s",
+                         _footprint_line("perplexity forward", footprint, hbm),
+                         *_largest_lines(largest)]), flush=True)
+    _conclude(reports, topology, len(devices), "length")
+    return reports
+
+
+def _target(topology: str) -> tuple[list[Any], int]:
+    """The compile-only devices of `topology` and the HBM of each (bytes)."""
+    devices = topology_devices(topology)
+    hbm = int(HBM_GIB.get(devices[0].device_kind, 0) * GIB)
+    if not hbm:
+        raise ConfigError(f"--compile_only={topology!r}: unknown HBM for {devices[0].device_kind}")
+    return devices, hbm
+
+
+def _print_target(topology: str, devices: list[Any], hbm: int, mesh: Any) -> None:
+    hosts = len({d.process_index for d in devices})
+    print(f"{topology}: {len(devices)} chips ({devices[0].device_kind}, "
+          f"{hbm / GIB:.1f} GiB HBM each), {hosts} hosts; mesh "
+          + ", ".join(f"{a}={n}" for a, n in mesh.shape.items()), flush=True)
+
+
+def _conclude(reports: list[Report], topology: str, chips: int, unit: str) -> None:
+    """The last line: "fit: all ..." or "does not fit: {unit}s [...] exceed HBM; ..."."""
     worst = max(reports, key=lambda r: r.peak / r.hbm)
-    summary = (f"{len(reports)} stage(s) on {topology} ({len(devices)} chips): largest peak "
-               f"{worst.peak / GIB:.1f} GiB of {hbm / GIB:.1f} GiB per chip "
-               f"(stage {worst.name})")
+    summary = (f"{len(reports)} {unit}(s) on {topology} ({chips} chips): largest peak "
+               f"{worst.peak / GIB:.1f} GiB of {worst.hbm / GIB:.1f} GiB per chip "
+               f"({unit} {worst.name})")
     if all(r.fits for r in reports):
         print(f"fit: all {summary}", flush=True)
     else:
         failed = [r.name for r in reports if not r.fits]
-        print(f"does not fit: stages {failed} exceed HBM; {summary}", flush=True)
-    return reports
+        print(f"does not fit: {unit}s {failed} exceed HBM; {summary}", flush=True)
 
 
 def _without_missing_rope_files(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -199,7 +290,7 @@ def _compile_stage(config: ml_collections.ConfigDict, index: int, base_hf: dict,
                                            hbm)
         if not largest:
             largest = eval_largest
-    return StageReport(stage.name, dict(mesh.shape), train, evaluated, hbm, largest)
+    return StageReport(stage.name, dict(mesh.shape), hbm, largest, train, evaluated)
 
 
 def _measure(lowered: Any, argument_bytes: int, hbm: int) -> tuple[Footprint, list[str]]:
@@ -252,19 +343,34 @@ def _drop_first(named: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding
     return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*named.spec[1:]))
 
 
-def _describe(stage: ml_collections.ConfigDict, report: StageReport) -> str:
-    def line(what: str, fp: Footprint) -> str:
-        return (f"  {what}: arguments {fp.arguments / GIB:.2f} GiB, temporaries "
-                f"{fp.temporaries / GIB:.2f} GiB, peak {fp.peak / GIB:.2f} GiB per chip "
-                f"({100 * fp.peak / report.hbm:.0f}% of HBM)")
+def _abstract_windows(rows: int, length: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """One batch of `evaluation.window_nll`: ids [rows, length + 1], positions and segments
+    [rows, length] int32, score [rows, length] f32. Unplaced, as eval.py passes host arrays:
+    the compiler places them."""
+    return (jax.ShapeDtypeStruct((rows, length + 1), jnp.int32),
+            *(jax.ShapeDtypeStruct((rows, length), dtype)
+              for dtype in (jnp.int32, jnp.int32, jnp.float32)))
 
+
+def _footprint_line(what: str, fp: Footprint, hbm: int) -> str:
+    return (f"  {what}: arguments {fp.arguments / GIB:.2f} GiB, temporaries "
+            f"{fp.temporaries / GIB:.2f} GiB, peak {fp.peak / GIB:.2f} GiB per chip "
+            f"({100 * fp.peak / hbm:.0f}% of HBM)")
+
+
+def _largest_lines(largest: list[str]) -> list[str]:
+    if not largest:
+        return []
+    return ["  largest buffers (XLA's buffer assignment, per chip):",
+            *(f"    {item}" for item in largest)]
+
+
+def _describe(stage: ml_collections.ConfigDict, report: StageReport) -> str:
     s = plain(stage)
     lines = [f"stage {s['name']}: seq_len {s['seq_len']}, batch {s['batch_size']} "
              f"(grad_accum {s['grad_accum']}), attention {s['attention']}: "
-             + ("fits" if report.fits else "DOES NOT FIT"), line("train step", report.train)]
+             + ("fits" if report.fits else "DOES NOT FIT"),
+             _footprint_line("train step", report.train, report.hbm)]
     if report.eval is not None:
-        lines.append(line("eval step", report.eval))
-    if report.largest:
-        lines.append("  largest buffers (XLA's buffer assignment, per chip):")
-        lines += [f"    {item}" for item in report.largest]
-    return "\n".join(lines)
+        lines.append(_footprint_line("eval step", report.eval, report.hbm))
+    return "\n".join(lines + _largest_lines(report.largest))

@@ -14,7 +14,10 @@ Config fields (`default_config`):
                      data_dir, text_key
   original_length    L, the window the checkpoints were trained at
   lengths            evaluated lengths (tokens)
-  methods            names from lctx_jax.methods.METHODS, plus "longrope" (searched factors)
+  methods            names from lctx_jax.methods.METHODS, plus "longrope" (searched factors),
+                     or rope dicts {"name": label, "rope_type": ..., other HF rope_scaling
+                     fields}: "factor" (default length / L) and
+                     "original_max_position_embeddings" (default L) are filled in per length
   settings           list of {name, checkpoint, rope, methods}: checkpoint is a directory (HF
                      or lctx_jax), "{method}" in it is replaced by the method name; rope
                      "per_length" puts each method on the checkpoint with factor = length / L
@@ -25,9 +28,22 @@ Config fields (`default_config`):
   perplexity         mode ("truncate" | "sliding"), documents (how many, each >= max length
                      tokens), stride (sliding), batch_size
   passkey            enabled, depths, trials, style ("prose" | "python"), seed, batch_size
+  needle             multi-key needle-in-a-haystack (`evaluation.needle_accuracy`): enabled,
+                     needles (keys per prompt), depths, trials, seed, batch_size, documents
+                     (haystack: that many documents of data.split), settings (names whose
+                     rows get a heat map; () = every setting)
   search             enabled, documents, population, parents, mutations, crossovers,
-                     iterations, probability, seed (SearchConfig fields)
+                     iterations, probability, seed (SearchConfig fields); only: run the
+                     searches and stop (their factors feed a fine-tune before evaluating)
   dtype              compute dtype
+  mesh               data / fsdp / tensor / sequence axis sizes (-1: the rest) and num_devices
+                     (0: all; N: the first N), as train.py's; default one device. On more than
+                     one, parameters are placed by the training sharding rules and each window's
+                     tokens split over "sequence" (`eval_mesh` checks the lengths divide)
+  attention          the forwards' attention (`lctx_jax.attention.attend`): "xla", "flash",
+                     "splash", "cudnn", or "ring" (sequence parallel; windows split over
+                     mesh.sequence); an Infini-attention checkpoint keeps "infini"
+  attention_block_size  its block (None: each kernel's default)
 """
 
 from __future__ import annotations
@@ -39,12 +55,15 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from lctx_jax import (checkpoint, convert, data, evaluation, longrope_search, methods, paths,
-                      report)
-from lctx_jax.model import Model
+from lctx_jax import (architectures, checkpoint, convert, data, evaluation, longrope_search,
+                      methods, paths, report, rope, sharding, training)
+from lctx_jax.attention import IMPLEMENTATIONS
+from lctx_jax.model import INFINI, Model
 from lctx_jax.train_config import ConfigError, plain
 
 ROPE_MODES = ("per_length", "checkpoint")
+ATTENTION = tuple(impl for impl in IMPLEMENTATIONS if impl != "s2")  # S²-Attn trains only
+_WHOLE_WINDOW = ("flash", "splash", "cudnn")  # kernels that attend a whole window per device
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,10 +81,18 @@ def default_config() -> ml_collections.ConfigDict:
                                                   batch_size=1))
     c.passkey = ml_collections.ConfigDict(dict(enabled=True, depths=(0.1, 0.5, 0.9), trials=10,
                                                style="prose", seed=0, batch_size=5))
+    c.needle = ml_collections.ConfigDict(dict(enabled=False, needles=4,
+                                              depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=4,
+                                              seed=0, batch_size=4, documents=8, settings=()))
     c.search = ml_collections.ConfigDict(dict(enabled=True, documents=5, population=64,
                                               parents=32, mutations=16, crossovers=16,
-                                              iterations=40, probability=0.3, seed=0))
+                                              iterations=40, probability=0.3, seed=0,
+                                              only=False))
     c.dtype = "float32"
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1,
+                                            num_devices=1))
+    c.attention = "xla"
+    c.attention_block_size = ml_collections.config_dict.placeholder(int)  # None, or an int
     return c
 
 
@@ -76,8 +103,47 @@ def setting(name: str, checkpoint_dir: str, rope: str, methods: tuple[str, ...] 
                                           methods=tuple(methods)))
 
 
-def _methods(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> tuple:
-    return tuple(s.get("methods") or config.methods)
+def _methods(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict
+             ) -> tuple[str, ...]:
+    """The setting's method names (a rope dict entry by its "name")."""
+    return tuple(method_name(m) for m in (s.get("methods") or config.methods))
+
+
+def method_name(entry: str | dict) -> str:
+    return entry if isinstance(entry, str) else str(entry.get("name"))
+
+
+def _method_entries(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    """(field, entry) of every entry of config.methods and of the settings' methods."""
+    return [("config.methods", m) for m in config.methods] + [
+        (f"config.settings[{i}].methods", m) for i, s in enumerate(config.settings)
+        for m in (s.get("methods") or ())]
+
+
+def custom_methods(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """{name: its rope fields} of the rope-dict entries of config.methods and the settings."""
+    return {str(m["name"]): {k: v for k, v in plain(m).items() if k != "name"}
+            for _, m in _method_entries(config) if not isinstance(m, str)}
+
+
+def _check_rope_dicts(config: ml_collections.ConfigDict) -> None:
+    seen: dict[str, dict] = {}
+    for field, m in _method_entries(config):
+        if isinstance(m, str):
+            continue
+        m = plain(m)
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise ConfigError(f"{field}: {m!r} is neither a method name nor a rope dict with a "
+                              "\"name\" (its label) and a \"rope_type\"")
+        if m.get("rope_type") not in rope.ROPE_TYPES[1:]:
+            raise ConfigError(f"{field}: rope dict {m['name']!r} has rope_type "
+                              f"{m.get('rope_type')!r}; use one of {rope.ROPE_TYPES[1:]}")
+        if m["name"] in (*methods.METHODS, "longrope"):
+            raise ConfigError(f"{field}: rope dict name {m['name']!r} is a built-in method's; "
+                              "give it a label of its own")
+        if seen.setdefault(m["name"], m) != m:
+            raise ConfigError(f"{field}: two different rope dicts are named {m['name']!r}; "
+                              "give each its own name")
 
 
 def _searches(config: ml_collections.ConfigDict) -> bool:
@@ -86,14 +152,18 @@ def _searches(config: ml_collections.ConfigDict) -> bool:
                if s.rope == "per_length")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first bad field, before any model is loaded."""
+def validate(config: ml_collections.ConfigDict, published: bool = False) -> None:
+    """Raises ConfigError naming the first bad field, before any model is loaded. published:
+    for `--compile_only` (`lctx_jax.aot.compile_eval`), which reads no weights: a checkpoint
+    directory without config.json is fine when `lctx_jax.architectures` knows its name, and
+    no searched factors are needed."""
     unknown = set(config.keys()) - set(default_config().keys())
     if unknown:
         raise ConfigError(f"config has unknown fields {sorted(unknown)}; known: "
                           f"{sorted(default_config().keys())}")
-    known = (*methods.METHODS, "longrope")
-    bad = [m for m in config.methods if m not in known]
+    _check_rope_dicts(config)
+    known = (*methods.METHODS, "longrope", *custom_methods(config))
+    bad = [m for m in map(method_name, config.methods) if m not in known]
     if bad:
         raise ConfigError(f"config.methods: {bad} unknown; use names from {known}")
     if not config.lengths or min(config.lengths) < 2:
@@ -101,8 +171,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.perplexity.mode not in ("truncate", "sliding"):
         raise ConfigError(f"config.perplexity.mode={config.perplexity.mode!r}; use 'truncate' "
                           "or 'sliding'")
+    if config.attention not in ATTENTION:
+        raise ConfigError(f"config.attention={config.attention!r}; use one of {ATTENTION}")
+    block = config.attention_block_size
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+        raise ConfigError(f"config.attention_block_size={block!r} must be an int >= 1, or None "
+                          "for each kernel's default")
     if not config.settings:
         raise ConfigError("config.settings is empty; add setting(name, checkpoint, rope)")
+    unknown_settings = set(config.needle.settings) - {s.name for s in config.settings}
+    if config.needle.enabled and (unknown_settings or config.needle.documents < 1
+                                  or config.needle.needles < 1):
+        raise ConfigError(f"config.needle: settings {sorted(unknown_settings)} are not in "
+                          "config.settings, or documents / needles < 1; name settings of "
+                          "config.settings (() = all) and give documents, needles >= 1")
     missing = []
     for i, s in enumerate(config.settings):
         if s.rope not in ROPE_MODES:
@@ -113,12 +195,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
                               f"{known}")
         for method in _methods(config, s):
             path = _checkpoint_dir(s, method)
-            if not (path / "config.json").is_file():
+            if not (path / "config.json").is_file() and not (
+                    published and architectures.published(str(path))):
                 missing.append(str(path))
     if missing:
+        hint = (f"; --compile_only also knows {sorted(architectures.PUBLISHED)} by directory "
+                "name" if published else "")
         raise ConfigError(f"checkpoints not found: {sorted(set(missing))}; train them first "
-                          "(see the config's docstring for the commands) or drop the method")
-    if _searches(config) and not config.search.enabled and not all(
+                          "(see the config's docstring for the commands) or drop the method"
+                          + hint)
+    if config.search.only and not (_searches(config) and config.search.enabled):
+        raise ConfigError("config.search.only runs LongRoPE's search alone, but no setting "
+                          "with rope 'per_length' has method 'longrope' (or search.enabled is "
+                          "False): add one, or set search.only=False")
+    if not published and _searches(config) and not config.search.enabled and not all(
             _factors_file(config, n).is_file() for n in _search_lengths(config)):
         raise ConfigError("config.methods has 'longrope' but config.search.enabled is False and "
                           f"no searched factors are in {pathlib.Path(config.out_dir) / 'search'}")
@@ -127,23 +217,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Search, perplexity and passkey for every setting × method × length; writes the report."""
     validate(config)
+    mesh = eval_mesh(config)
     out_dir = pathlib.Path(config.out_dir).expanduser()
-    first = _checkpoint_dir(config.settings[0], _methods(config, config.settings[0])[0])
-    tokenizer = data.load_tokenizer(config.tokenizer or first)
+    tokenizer = data.load_tokenizer(config.tokenizer or first_checkpoint(config))
+    if config.search.only:
+        searched = _searched_factors(config, tokenizer)
+        return {"search": {str(n): factors for n, factors in searched.items()}}
     longest = max(config.lengths)
     documents = _long_documents(config, tokenizer, config.data.split, longest,
                                 config.perplexity.documents)
-    results: dict[str, Any] = {"perplexity": {}, "passkey": {}, "meta": {
+    results: dict[str, Any] = {"perplexity": {}, "passkey": {}, "needle": {}, "meta": {
         "original_length": config.original_length, "lengths": list(config.lengths),
-        "methods": list(config.methods), "perplexity": plain(config.perplexity),
+        "methods": plain(config.methods), "perplexity": plain(config.perplexity),
         "passkey": plain(config.passkey), "search": plain(config.search),
         "documents": len(documents)}}
+    corpus = data.fingerprint_of(config.data.dataset)
+    if corpus is not None:
+        results["meta"]["corpus"] = corpus
+    if config.needle.enabled:
+        results["meta"]["needle"] = plain(config.needle)
+        texts = data.text_source(config.data.dataset, config.data.split,
+                                 config.data.data_dir or None, config.data.text_key)
+        haystack = [texts[i] for i in range(min(config.needle.documents, len(texts)))]
     searched = _searched_factors(config, tokenizer) if _searches(config) else {}
     for s in config.settings:
         results["perplexity"][s.name], results["passkey"][s.name] = {}, {}
         for method in _methods(config, s):
-            checkpoint_model = _load(_checkpoint_dir(s, method), jnp.dtype(config.dtype))
-            ppl, passkey = {}, []
+            checkpoint_model = with_attention(config, _load(_checkpoint_dir(s, method),
+                                                            jnp.dtype(config.dtype), mesh))
+            ppl, passkey, needle = {}, [], []
+            niah = config.needle.enabled and (not config.needle.settings
+                                              or s.name in config.needle.settings)
             for length in config.lengths:
                 model = _for_length(config, s, checkpoint_model, method, length, searched)
                 ppl[str(length)] = _perplexity(config, model, documents, length)
@@ -153,10 +257,19 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     passkey.append(_passkey(config, model, tokenizer, length))
                     accuracy = passkey[-1]["accuracy"][0]
                     line += f", passkey {sum(accuracy) / len(accuracy):.0%}"
+                if niah:
+                    n = config.needle
+                    needle.append(evaluation.needle_accuracy(
+                        model, tokenizer, haystack, [length], n.depths, n.trials,
+                        needles=n.needles, seed=n.seed, batch_size=n.batch_size))
+                    accuracy = needle[-1]["accuracy"][0]
+                    line += f", {n.needles}-key haystack {sum(accuracy) / len(accuracy):.0%}"
                 print(line, flush=True)
             results["perplexity"][s.name][method] = ppl
             if passkey:
                 results["passkey"][s.name][method] = _merge_lengths(passkey)
+            if needle:
+                results["needle"].setdefault(s.name, {})[method] = _merge_lengths(needle)
     files = report.write_report(results, out_dir)
     print("report: " + ", ".join(str(f) for f in files), flush=True)
     return results
@@ -165,14 +278,68 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- pieces
 
 
+def eval_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Any:
+    """The mesh config.mesh describes over `devices` (default: every device), or None for one
+    device (`training.config_mesh`), checked against the windows: attention "ring" needs a
+    "sequence" axis and rows that divide over data × fsdp, the kernels ("flash", "splash",
+    "cudnn") whole windows per device, and every length splits evenly over "sequence" (into
+    2 chunks per device for ring's zigzag order). ConfigError naming the field otherwise."""
+    mesh = training.config_mesh(config, devices)
+    shape = {} if mesh is None else mesh.shape
+    parts = shape.get(sharding.SEQUENCE_AXIS, 1)
+    if config.attention == "ring":
+        if parts == 1:
+            raise ConfigError("config.attention='ring' splits each window over the mesh axis "
+                              "'sequence', but config.mesh gives that axis one device: set "
+                              "config.mesh.sequence (-1: every device), or use attention 'xla' "
+                              "or 'flash' on one device")
+        rows = shape[sharding.DATA_AXIS] * shape[sharding.FSDP_AXIS]
+        if config.perplexity.batch_size % rows:
+            raise ConfigError(f"config.perplexity.batch_size={config.perplexity.batch_size} "
+                              f"must be divisible by config.mesh data × fsdp = {rows} (ring "
+                              "attention splits the rows over them)")
+        parts *= 2
+    elif config.attention in _WHOLE_WINDOW and parts > 1:
+        raise ConfigError(f"config.attention={config.attention!r} attends a whole window on each "
+                          f"device, but config.mesh splits windows over {parts} 'sequence' "
+                          "devices: use attention='ring', or config.mesh.sequence=1")
+    bad = [n for n in config.lengths if n % parts]
+    if bad:
+        raise ConfigError(f"config.lengths: {bad} do not split into {parts} equal parts (the "
+                          f"mesh's sequence={shape.get(sharding.SEQUENCE_AXIS, 1)} devices"
+                          + (", 2 each for ring attention" if config.attention == "ring" else "")
+                          + f"): use multiples of {parts}, or another config.mesh.sequence")
+    return mesh
+
+
+def with_attention(config: ml_collections.ConfigDict, model: Model) -> Model:
+    """`model` with config.attention and config.attention_block_size (an Infini-attention
+    model keeps "infini", its only attention)."""
+    if model.attention == INFINI:
+        return model
+    try:
+        return model.replace(attention=config.attention,
+                             attention_block_size=config.attention_block_size)
+    except ValueError as err:
+        raise ConfigError(f"config.attention={config.attention!r}, config.attention_block_size="
+                          f"{config.attention_block_size!r}: {err}") from None
+
+
+def first_checkpoint(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The checkpoint directory of the first setting's first method."""
+    return _checkpoint_dir(config.settings[0], _methods(config, config.settings[0])[0])
+
+
 def _checkpoint_dir(s: ml_collections.ConfigDict, method: str) -> pathlib.Path:
     return pathlib.Path(s.checkpoint.replace("{method}", method)).expanduser()
 
 
-def _load(path: pathlib.Path, dtype: Any) -> Model:
+def _load(path: pathlib.Path, dtype: Any, mesh: Any = None) -> Model:
+    """The checkpoint at `path` (lctx_jax or HF), its parameters placed on `mesh` by the
+    sharding rules (None: one device)."""
     if (path / "params").is_dir():
-        return checkpoint.load(path, dtype=dtype)
-    return convert.from_hf(path, dtype=dtype)
+        return checkpoint.load(path, dtype=dtype, mesh=mesh)
+    return convert.from_hf(path, dtype=dtype, mesh=mesh)
 
 
 def _for_length(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, model: Model,
@@ -181,13 +348,20 @@ def _for_length(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict,
     if s.rope == "checkpoint":
         return model
     factor = length / config.original_length
+    custom = custom_methods(config).get(method)
     if factor <= 1 or method == "none":
         scaling = None
     elif method == "longrope":
         scaling = searched[length]
+    elif custom is not None:
+        scaling = {"factor": factor, "original_max_position_embeddings": config.original_length,
+                   **custom}
     else:
         scaling = methods.scaling(method, factor, config.original_length)
-    return model.replace(config=model.config.with_rope_scaling(scaling))
+    try:
+        return model.replace(config=model.config.with_rope_scaling(scaling))
+    except ValueError as err:
+        raise ConfigError(f"config.methods {method!r} at length {length}: {err}") from None
 
 
 def _long_documents(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer, split: str,

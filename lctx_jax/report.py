@@ -29,15 +29,18 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> list[pa
         {"perplexity": {setting: {method: {str(length): Perplexity.as_dict() or a dict with
                                                           at least "perplexity"}}},
          "passkey":    {setting: {method: passkey_accuracy(...)}},
+         "needle":     {setting: {method: needle_accuracy(...)}},
          "meta":       {free-form: model, dataset, protocol, ...}}
     Every part is optional; a setting is e.g. "no fine-tune" or "fine-tuned". Perplexity
     objects, numpy values and tuples are converted; non-finite floats become null.
 
-    results.md: the meta as a list, one perplexity table per setting (rows methods, columns
-    lengths, 2 decimals) and one passkey table per setting (mean accuracy over depths, %).
+    results.md: the meta as a list; then every method of every setting in one table each for
+    perplexity, passkey and needle accuracy (rows "method · setting", columns lengths; 2
+    decimals, accuracy in % as the mean over depths); then a table per setting of each.
     perplexity.png: perplexity against length (both log axes), a line per method and a panel
     per setting. passkey_<method>.png: accuracy heat map, depth × length, a panel per setting
-    (characters of the method other than letters, digits, "_", "." and "-" become "_").
+    (characters of the method other than letters, digits, "_", "." and "-" become "_");
+    needle_<method>.png the same for the needle-in-a-haystack accuracy.
     Every file is written to a temporary name and renamed, so readers never see half a file.
     """
     safe = _json_safe(results)
@@ -47,13 +50,19 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> list[pa
                _write(out / "results.md", _markdown(safe).encode())]
     if safe.get("perplexity"):
         written.append(_write(out / "perplexity.png", _perplexity_plot(safe["perplexity"])))
-    passkey = safe.get("passkey") or {}
-    for method in dict.fromkeys(m for per_method in passkey.values() for m in per_method):
-        panels = {s: per_method[method] for s, per_method in passkey.items()
-                  if method in per_method}
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
-        written.append(_write(out / f"passkey_{name}.png", _passkey_plot(method, panels)))
+    for kind in ("passkey", "needle"):
+        grids = safe.get(kind) or {}
+        for method in dict.fromkeys(m for per_method in grids.values() for m in per_method):
+            panels = {s: per_method[method] for s, per_method in grids.items()
+                      if method in per_method}
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
+            title = method if kind == "passkey" else f"{method}, {_needles(panels)}-key haystack"
+            written.append(_write(out / f"{kind}_{name}.png", _heat_map(title, panels)))
     return written
+
+
+def _needles(panels: dict[str, dict[str, Any]]) -> str:
+    return "/".join(str(n) for n in sorted({r.get("needles") for r in panels.values()}))
 
 
 def _json_safe(value: Any) -> Any:
@@ -75,31 +84,50 @@ def _write(path: pathlib.Path, content: bytes) -> pathlib.Path:
     return path
 
 
-def _table(rows: dict[str, dict[int, str]]) -> list[str]:
+def _table(rows: dict[str, dict[int, str]], label: str = "method") -> list[str]:
     """Markdown table: a row per method, a column per length (sorted), '–' where missing."""
     lengths = sorted({n for cells in rows.values() for n in cells})
-    lines = ["| method | " + " | ".join(str(n) for n in lengths) + " |",
+    lines = [f"| {label} | " + " | ".join(str(n) for n in lengths) + " |",
              "| --- |" + " ---: |" * len(lengths)]
     for method, cells in rows.items():
-        lines.append(f"| {method} | " + " | ".join(cells.get(n, "–") for n in lengths) + " |")
+        name = method.replace("|", "\\|")
+        lines.append(f"| {name} | " + " | ".join(cells.get(n, "–") for n in lengths) + " |")
     return lines
+
+
+def _perplexity_rows(per_method: dict[str, Any]) -> dict[str, dict[int, str]]:
+    return {m: {int(n): _number(r.get("perplexity"), "{:.2f}") for n, r in by_len.items()}
+            for m, by_len in per_method.items()}
+
+
+def _accuracy_rows(per_method: dict[str, Any]) -> dict[str, dict[int, str]]:
+    return {m: {n: _number(_mean(acc), "{:.1f}", 100) for n, acc in
+                zip(r["lengths"], r["accuracy"])} for m, r in per_method.items()}
+
+
+_KINDS = (("perplexity", "Perplexity", _perplexity_rows),
+          ("passkey", "Passkey retrieval (accuracy %, mean over depths)", _accuracy_rows),
+          ("needle", "Multi-key needle in a haystack (accuracy %, mean over depths)",
+           _accuracy_rows))
 
 
 def _markdown(results: dict[str, Any]) -> str:
     lines = ["# Evaluation results", ""]
     for key, value in (results.get("meta") or {}).items():
         lines.append(f"- {key}: {value}")
-    for setting, per_method in (results.get("perplexity") or {}).items():
-        rows = {m: {int(n): _number(r.get("perplexity"), "{:.2f}") for n, r in by_len.items()}
-                for m, by_len in per_method.items()}
-        lines += ["", f"## Perplexity: {setting}", "", *_table(rows)]
-    for setting, per_method in (results.get("passkey") or {}).items():
-        rows = {m: {n: _number(_mean(acc), "{:.1f}", 100) for n, acc in
-                    zip(r["lengths"], r["accuracy"])} for m, r in per_method.items()}
-        trials = sorted({r["trials"] for r in per_method.values()})
-        lines += ["", f"## Passkey retrieval: {setting}", "",
-                  f"Accuracy in %, mean over depths; {'/'.join(map(str, trials))} trials per "
-                  "length and depth.", "", *_table(rows)]
+    for kind, title, rows_of in _KINDS:
+        settings = results.get(kind) or {}
+        if len(settings) > 1:
+            every = {f"{m} · {setting}": row for setting, per_method in settings.items()
+                     for m, row in rows_of(per_method).items()}
+            lines += ["", f"## {title}: every method", "", *_table(every, "method · setting")]
+    for kind, title, rows_of in _KINDS:
+        for setting, per_method in (results.get(kind) or {}).items():
+            lines += ["", f"## {title}: {setting}", ""]
+            if kind != "perplexity":
+                trials = sorted({r["trials"] for r in per_method.values()})
+                lines += [f"{'/'.join(map(str, trials))} trials per length and depth.", ""]
+            lines += _table(rows_of(per_method))
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +172,7 @@ def _perplexity_plot(perplexity: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _passkey_plot(method: str, panels: dict[str, dict[str, Any]]) -> bytes:
+def _heat_map(title: str, panels: dict[str, dict[str, Any]]) -> bytes:
     fig = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (setting, r) in zip(axes, panels.items()):
@@ -159,6 +187,6 @@ def _passkey_plot(method: str, panels: dict[str, dict[str, Any]]) -> bytes:
         ax.set_yticks(range(len(r["depths"])), [f"{d:g}" for d in r["depths"]])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
-        ax.set_title(f"{method}: {setting}")
+        ax.set_title(f"{title}: {setting}")
     fig.colorbar(image, ax=list(axes), label="accuracy")
     return _png(fig)

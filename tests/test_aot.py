@@ -64,7 +64,7 @@ def test_megalodon_chunk_parallel_step_compiles_for_v5p(v5p8, capsys):
 
 
 @pytest.mark.parametrize("name, topology", [
-    ("v5p:2x2x2", "v5p:2x2x2"), ("v5p-8", "v5p:1x2x2"), ("v5p-16", "v5p:2x2x2"),
+    ("v5p:2x2x2", "v5p:2x2x2"), ("v5p-8", "v5p:2x2x1"), ("v5p-16", "v5p:2x2x2"),
     ("v5p-32", "v5p:2x2x4"), ("v5p-64", "v5p:2x4x4"), ("v5p-128", "v5p:4x4x4"),
     ("v5litepod-16", "v5e:4x4"), ("v6e-8", "v6e:2x4")])
 def test_slice_names(name, topology):

@@ -4,6 +4,7 @@ passkey for every method and length, the report, and the config errors."""
 import json
 
 import jax
+import numpy as np
 import pytest
 
 import lctx_jax as lx
@@ -72,4 +73,46 @@ def test_config_errors_name_the_field(workspace, tmp_path):
     c = tiny_config(workspace, tmp_path / "out")
     c.perplexity.mode = "windowed"
     with pytest.raises(ConfigError, match="perplexity.mode"):
+        comparison.validate(c)
+
+
+def test_rope_dicts_as_methods_and_the_needle_haystack(workspace, tmp_path):
+    """A method given as a rope dict: its factor and L filled in per length, so a dict equal
+    to a named method scores the same, and one with other fields scores differently; the
+    needle-in-a-haystack grid runs only for the settings named; the corpus is recorded."""
+    c = tiny_config(workspace, tmp_path / "out")
+    c.methods = ("yarn", {"name": "yarn, as a dict", "rope_type": "yarn"},
+                 {"name": "yarn, beta_fast 8", "rope_type": "yarn", "beta_fast": 8.0})
+    c.settings.append(comparison.setting("again", str(workspace["root"] / "ckpt"),
+                                         "per_length", ("yarn",)))
+    c.lengths = (256, 512)  # the tiny tokenizer's needle and question take 130 tokens
+    c.passkey.enabled = False
+    c.needle.update(enabled=True, needles=1, depths=(0.0, 1.0), trials=2, batch_size=2,
+                    documents=2, settings=("base",))
+    model = lx.load(workspace["root"] / "ckpt")
+    rope = {m: comparison._for_length(c, c.settings[0], model, m, 512, {}).config.rope
+            for m in ("yarn", "yarn, as a dict", "yarn, beta_fast 8")}
+    assert rope["yarn, as a dict"] == rope["yarn"] != rope["yarn, beta_fast 8"]
+    assert rope["yarn, beta_fast 8"].beta_fast == 8.0 and rope["yarn"].factor == 4.0
+    results = comparison.run(c)
+    ppl = {m: r["256"]["perplexity"] for m, r in results["perplexity"]["base"].items()}
+    assert ppl["yarn, as a dict"] == ppl["yarn"]
+    needle = results["needle"]
+    assert list(needle) == ["base"] and set(needle["base"]) == set(ppl)
+    assert np.array(needle["base"]["yarn"]["accuracy"]).shape == (2, 2)
+    assert results["meta"]["corpus"].startswith("stdlib-")
+    assert (tmp_path / "out" / "needle_yarn.png").is_file()
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| yarn, beta_fast 8 · base |" in table and "| yarn · again |" in table
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"rope_type": "yarn"}, "name"),
+    ({"name": "x", "rope_type": "magic"}, "rope_type"),
+    ({"name": "pi", "rope_type": "linear"}, "built-in"),
+])
+def test_bad_rope_dict_methods_name_the_problem(workspace, tmp_path, entry, field):
+    c = tiny_config(workspace, tmp_path / "out")
+    c.methods = ("none", entry)
+    with pytest.raises(ConfigError, match=field):
         comparison.validate(c)
