@@ -34,8 +34,9 @@ def main(run: Callable[[Any], Any], program: str,
     topology = None
     if compile_only is not None:
         topology = flags.DEFINE_string(
-            "compile_only", None, "compile every stage for a TPU topology (e.g. v5p:2x2x2 or "
-            "v5p-16) without running it, and report whether it fits in HBM per chip")
+            "compile_only", None, "compile the job's steps (train.py: every stage; eval.py: "
+            "one window of each length) for a TPU topology (e.g. v5p:2x2x2 or v5p-16) without "
+            "running them, and report whether they fit in HBM per chip")
 
     def entry(argv: list[str]) -> int:
         if len(argv) > 1:
