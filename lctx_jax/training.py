@@ -697,8 +697,9 @@ def extension_summary(config: ml_collections.ConfigDict, index: int,
         start, config=models.config_from_hf(base_hf_config(config))))
     scaling = rope_scaling_dict(stage.rope_scaling, f"config.stages[{index}].rope_scaling")
     untuned = base.replace(config=base.config.with_rope_scaling(scaling))
-    rope, base_length = tuned.config.rope, base.config.rope.max_position_embeddings
-    extended = round((rope.original_max_position_embeddings or base_length) * rope.factor)
+    base_length = base.config.rope.max_position_embeddings
+    extended = round(scaling.get("original_max_position_embeddings", base_length)  # L·s
+                     * scaling.get("factor", 1.0))
     lengths = sorted({base_length, stage.seq_len, extended})
     while True:
         held_out = evaluation.tokenize_documents(documents, tokenizer, min_tokens=max(lengths),
