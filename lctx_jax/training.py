@@ -408,12 +408,14 @@ def _check_stage_rows(config: ml_collections.ConfigDict, tokenizer: data.Tokeniz
 
 
 def _open_data(config: ml_collections.ConfigDict) -> dict[str, Sequence[str]]:
-    """{split: its documents} of the training split and, when eval_batches > 0, the eval split:
+    """{split: its documents} of the training split and, when eval_batches or summary_documents
+    > 0, the eval split:
     opened here (nothing is read yet) so that a missing dataset, split or text_key is a
     ConfigError naming config.data before the run directory is claimed; the run then reads
     these same sources."""
     d = config.data
-    splits = dict.fromkeys([d.split] + ([d.eval_split] if config.eval_batches else []))
+    held_out = config.eval_batches or config.summary_documents
+    splits = dict.fromkeys([d.split] + ([d.eval_split] if held_out else []))
     out = {}
     for split in splits:
         where = (f"config.data (dataset={d.dataset!r}, split={split!r}, "

@@ -423,4 +423,4 @@ def test_the_demo_extension_recipe_lowers_held_out_perplexity_at_the_extended_le
     assert summary["documents"] == 4 and sorted(map(int, ppl["fine-tuned"])) == [32, 128]
     assert summary["corpus"].startswith("stdlib-")
     tuned, untuned = ppl["fine-tuned"]["128"], ppl["base + method, no fine-tune"]["128"]
-    assert tuned < untuned < ppl["base, plain RoPE"]["128"], ppl
+    assert tuned < untuned < ppl["base, RoPE as pre-trained"]["128"], ppl
