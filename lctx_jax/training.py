@@ -384,7 +384,7 @@ def _tokenizer(config: ml_collections.ConfigDict, sources: dict[str, Sequence[st
 
 
 def _check_stage_rows(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
-                          documents: Sequence[str] | None) -> None:
+                      documents: Sequence[str] | None) -> None:
     """ConfigError for a passkey stage whose rows cannot hold its prompt, or a stage with
     retrieval rows that cannot hold their needles, with this tokenizer, before any stage
     trains (documents: the training split, None when every stage is done)."""
