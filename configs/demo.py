@@ -68,7 +68,8 @@ def extend_stage(c: ml_collections.ConfigDict, rope_scaling, **fields
     """The extension fine-tune: 4 rows of 1024 tokens a step, one of them a retrieval document,
     the text rows from documents of at least 512 tokens; AdamW from fresh moments, so the
     learning rate warms up over a fifth of the steps to EXTEND_LR (a twentieth of
-    pre-training's peak) and decays by cosine. `fields` override stage fields (LongLoRA's attention, lr)."""
+    pre-training's peak) and decays by cosine. `fields` override stage fields (LongLoRA's
+    attention, lr)."""
     settings = dict(seq_len=TUNE_LENGTH, batch_size=4, steps=c.get_ref("extend_steps"),
                     lr=EXTEND_LR, warmup_steps=c.get_ref("extend_steps") // 5,
                     schedule="cosine", min_doc_tokens=TUNE_LENGTH // 2,

@@ -12,9 +12,10 @@ Settings (the rows of each table): "no fine-tune", the pre-trained LLaMA with ea
 method at factor length / L (no training: LongRoPE's factors searched per length here
 first); "pre-trained", MEGALODON after the same pre-training; "fine-tuned", each method's
 own extension fine-tune (configs/demo_extend.py, 8× to 2048 tokens on 1024-token rows; YaRN's
-is configs/demo.py's stage again, its data drawn with the seed of a first stage), Infini-attention's continued training and MEGALODON's training on
-the same rows. The search is demo-sized (population 16, 6 iterations, 4 training-split
-documents; the paper's 64 and 40 are lctx_jax.comparison's defaults).
+is configs/demo.py's stage again, its data drawn with the seed of a first stage),
+Infini-attention's continued training and MEGALODON's training on the same rows. The
+search is demo-sized (population 16, 6 iterations, 4 training-split documents; the paper's
+64 and 40 are lctx_jax.comparison's defaults).
 
 Protocols: perplexity on 8 validation documents of >= 4096 tokens, each cut to the length
 (YaRN / LongRoPE's truncate protocol); passkey with the Python-flavoured prompt (repeated
